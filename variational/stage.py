@@ -1,0 +1,100 @@
+"""The glue every stage task shares: Prefect task with our fingerprint as cache key, logging, artifacts.
+
+A stage task has the signature `(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict`:
+`cfg` is `RunConfig.model_dump()`, `upstream` maps stage names to their manifests (small dicts with
+`fingerprint` and `path`), and the task returns its own manifest. Its fingerprint comes from the module's
+`fingerprint_of(cfg, upstream, round_)`, which is also the Prefect cache key, so a new flow run of the same
+config reuses every finished stage; inside the task, `StageStore.is_complete()` gives the same answer when
+Prefect's result cache was wiped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import TaskRunContext
+
+from variational.config import RunConfig
+from variational.store import StageStore, record_stage
+
+FingerprintFn = Callable[[dict, dict[str, dict], int], str]
+
+
+def logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a flow/task, the plain `variational` logger elsewhere (tests, CLI)."""
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger("variational")
+
+
+def stage_task(name: str, fingerprint_of: FingerprintFn) -> Callable:
+    """Decorator: a Prefect task named `name` whose cache key is the stage fingerprint (never the run id)."""
+
+    def cache_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
+        return f"{name}-{fingerprint_of(params['cfg'], params.get('upstream') or {}, params.get('round_', 1))}"
+
+    def run_name() -> str:
+        from prefect.runtime import task_run
+
+        r = task_run.parameters.get("round_", 1)
+        return f"{name}" + (f"[round {r}]" if r != 1 else "")
+
+    return task(name=name, cache_key_fn=cache_key, persist_result=True, task_run_name=run_name)
+
+
+def open_store(cfg: dict, stage: str, fp: str) -> StageStore:
+    conf = RunConfig.model_validate(cfg)
+    return StageStore(conf.data_root, conf.name, stage, fp)
+
+
+def finish_stage(
+    store: StageStore,
+    round_: int,
+    *,
+    rows_in: int | None = None,
+    summary: str = "",
+    **extra: Any,
+) -> dict:
+    """Write the manifest, point run.json at it, log rows in/out and wall time, publish a markdown artifact."""
+    manifest = store.finish(rows_in=rows_in, round=round_, **extra)
+    record_stage(store.data_root, store.run, store.stage, manifest, round_)
+    log = logger()
+    log.info(
+        "%s done: rows in=%s out=%s, %.1fs -> %s",
+        store.stage,
+        rows_in,
+        manifest["rows"],
+        manifest["wall_time_s"],
+        store.dir,
+    )
+    publish(store.stage, manifest, summary)
+    return manifest
+
+
+def reuse_stage(store: StageStore, round_: int) -> dict:
+    """The stage already finished (manifest present): record it for this run and return its manifest."""
+    manifest = store.manifest()
+    record_stage(store.data_root, store.run, store.stage, manifest, round_)
+    logger().info("%s: reusing finished stage %s (%s rows)", store.stage, store.fp, manifest["rows"])
+    return manifest
+
+
+def publish(stage: str, manifest: dict, summary: str = "") -> None:
+    md = (
+        f"### {stage} ({manifest['fingerprint']})\n\n"
+        f"| rows | shards | wall time (s) | path |\n|---|---|---|---|\n"
+        f"| {manifest['rows']} | {manifest.get('shards', 0)} | {manifest['wall_time_s']} | `{manifest['path']}` |\n\n"
+        f"{summary}"
+    )
+    try:
+        create_markdown_artifact(key=stage.replace("_", "-"), markdown=md, description=f"{stage} summary")
+    except Exception:  # outside a flow run there is nowhere to publish; the manifest has it all
+        pass
+
