@@ -10,13 +10,18 @@ Prefect's result cache was wiped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import time
 from collections.abc import Callable
 from typing import Any
 
+import polars as pl
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
+from tqdm.auto import tqdm
 
 from variational.config import RunConfig
 from variational.store import StageStore, record_stage
@@ -38,7 +43,9 @@ def stage_task(name: str, fingerprint_of: FingerprintFn) -> Callable:
     """Decorator: a Prefect task named `name` whose cache key is the stage fingerprint (never the run id)."""
 
     def cache_key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
-        return f"{name}-{fingerprint_of(params['cfg'], params.get('upstream') or {}, params.get('round_', 1))}"
+        return (
+            f"{name}-{fingerprint_of(params['cfg'], params.get('upstream') or {}, params.get('round_', 1))}"
+        )
 
     def run_name() -> str:
         from prefect.runtime import task_run
@@ -93,8 +100,32 @@ def publish(stage: str, manifest: dict, summary: str = "") -> None:
         f"| {manifest['rows']} | {manifest.get('shards', 0)} | {manifest['wall_time_s']} | `{manifest['path']}` |\n\n"
         f"{summary}"
     )
-    try:
+    # outside a flow run there is nowhere to publish; the manifest has it all
+    with contextlib.suppress(Exception):
         create_markdown_artifact(key=stage.replace("_", "-"), markdown=md, description=f"{stage} summary")
-    except Exception:  # outside a flow run there is nowhere to publish; the manifest has it all
-        pass
 
+
+def run_shards(
+    store: StageStore,
+    items: pl.DataFrame,
+    shard_size: int,
+    compute: Callable[[pl.DataFrame], pl.DataFrame],
+) -> tuple[int, int]:
+    """Split `items` into fixed shards, compute and persist each missing one; finished shards are skipped.
+
+    Shard i always holds rows [i*shard_size, (i+1)*shard_size) of `items`, so a rerun after a crash redoes
+    only the shards that were not yet written. `compute` should open expensive engines lazily (first call).
+    Returns (shards computed, shards reused)."""
+    n = max(1, math.ceil(items.height / shard_size))
+    todo = [i for i in range(n) if not store.has_shard(i)]
+    log = logger()
+    if len(todo) < n:
+        log.info("%s: %d/%d shards already done, resuming", store.stage, n - len(todo), n)
+    for i in tqdm(todo, desc=store.stage, unit="shard", disable=not todo):
+        t0 = time.perf_counter()
+        out = compute(items.slice(i * shard_size, shard_size))
+        store.write_shard(i, out)
+        log.info(
+            "%s: shard %d/%d, %d rows in %.1fs", store.stage, i + 1, n, out.height, time.perf_counter() - t0
+        )
+    return len(todo), n - len(todo)

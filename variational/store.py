@@ -165,5 +165,17 @@ def run_stages(data_root: str | Path, run: str) -> dict[str, dict[str, dict]]:
     """stage -> round -> {fingerprint, path, rows} of the latest flow run of `run`."""
     path = Path(data_root) / run / "run.json"
     if not path.exists():
-        raise FileNotFoundError(f"no run {run!r} under {data_root} (expected {path}); list runs with `variational runs`")
+        raise FileNotFoundError(
+            f"no run {run!r} under {data_root} (expected {path}); list runs with `variational runs`"
+        )
     return json.loads(path.read_text())["stages"]
+
+
+def read_stage(manifest: dict) -> pl.DataFrame:
+    """All rows of a finished stage, from the manifest an upstream task returned."""
+    files = sorted(Path(manifest["path"]).glob("part-*.parquet"))
+    if not files:
+        raise FileNotFoundError(
+            f"stage {manifest.get('stage')!r} has no shards in {manifest['path']}; delete its folder and rerun"
+        )
+    return pl.concat([pl.read_parquet(f) for f in files], how="vertical_relaxed")
