@@ -1,0 +1,67 @@
+"""The `variational` flow: the recipe of method.md as one Prefect flow; it reads as the DAG of design.md.
+
+Every stage is a cached task keyed by its fingerprint (never the run id), so a new run of the same config
+reuses every finished stage and shard, and a changed field recomputes only what depends on it.
+Rounds (`rounds: T`, Algorithm 1): round 1 is the paper's recipe; in round t > 1 q_phi is updated by
+forward KL (Eq.9) on traces sampled from the round t-1 policy, and that policy takes the place of pi_theta0.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.base_model import base_model_task
+from tasks.evaluate import evaluate_task
+from tasks.finetune import final_sft_task, finetune_pi_theta0_task, finetune_q_phi_task
+from tasks.ingest import ingest_task
+from tasks.report import report_task
+from tasks.rollouts import rollouts_task
+from tasks.sample_posterior import sample_posterior_task
+from tasks.sample_prior import sample_prior_task
+from tasks.score import score_task
+from tasks.select import select_task
+from tasks.verify import verify_prior_task, verify_task
+from tasks.weights import weights_task
+from variational.config import load_config
+
+
+def fit_posterior(cfg: dict, problems: dict, policy: dict, init: dict | None, round_: int) -> dict:
+    """q_phi: hinted SFT on the reference traces (paper's practice), or Eq.9 on traces sampled from `policy`."""
+    if cfg["posterior_objective"] == "hinted_sft" and init is None:
+        return finetune_q_phi_task(cfg, {"problems": problems}, round_)
+    prior = sample_prior_task(cfg, {"problems": problems, "policy": policy}, round_)
+    prior_verdicts = verify_prior_task(cfg, {"prior_samples": prior, "problems": problems}, round_)
+    upstream = {"problems": problems, "prior_samples": prior, "prior_verdicts": prior_verdicts}
+    return finetune_q_phi_task(cfg, upstream | ({"init": init} if init else {}), round_)
+
+
+@flow(name="variational", log_prints=True)
+def variational(config: str = "configs/tiny.yaml", overrides: list[str] | None = None) -> dict:
+    cfg = load_config(config, overrides or []).model_dump(mode="json")
+    problems = ingest_task(cfg, {})
+    base = base_model_task(cfg)
+    pi_theta0 = finetune_pi_theta0_task(cfg, {"problems": problems})
+    q_phi = fit_posterior(cfg, problems, pi_theta0, None, 1)
+    policy, pi_theta = pi_theta0, None
+    for r in range(1, cfg["rounds"] + 1):
+        if r > 1:
+            policy = pi_theta
+            q_phi = fit_posterior(cfg, problems, policy, q_phi, r)
+        samples = sample_posterior_task(cfg, {"problems": problems, "q_phi": q_phi}, r)
+        logps = score_task(cfg, {"problems": problems, "posterior_samples": samples, "pi_theta0": policy, "q_phi": q_phi}, r)
+        rollouts = rollouts_task(cfg, {"problems": problems, "posterior_samples": samples, "pi_theta0": policy}, r)
+        verdicts = verify_task(cfg, {"rollouts": rollouts, "problems": problems}, r)
+        weights = weights_task(
+            cfg, {"problems": problems, "posterior_samples": samples, "logps": logps, "verdicts": verdicts}, r
+        )
+        train = select_task(
+            cfg,
+            {"problems": problems, "weights": weights, "posterior_samples": samples, "rollouts": rollouts, "verdicts": verdicts},
+            r,
+        )
+        pi_theta = final_sft_task(cfg, {"train": train} | ({"init": pi_theta} if r > 1 else {}), r)
+    result = {"problems": problems, "pi_theta0": pi_theta0, "q_phi": q_phi, "train": train, "pi_theta": pi_theta}
+    if cfg["eval"]["enabled"]:
+        result["eval"] = evaluate_task(cfg, {"base": base, "pi_theta0": pi_theta0, "pi_theta": pi_theta})
+    result["report"] = report_task(cfg, result)
+    return result
