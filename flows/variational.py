@@ -25,14 +25,20 @@ from tasks.weights import weights_task
 from variational.config import load_config
 
 
-def fit_posterior(cfg: dict, problems: dict, policy: dict, init: dict | None, round_: int) -> dict:
+def fit_posterior(
+    cfg: dict, problems: dict, policy: dict, init: dict | None, r: int, done: list[dict]
+) -> dict:
     """q_phi: hinted SFT on the reference traces (paper's practice), or Eq.9 on traces sampled from `policy`."""
     if cfg["posterior_objective"] == "hinted_sft" and init is None:
-        return finetune_q_phi_task(cfg, {"problems": problems}, round_)
-    prior = sample_prior_task(cfg, {"problems": problems, "policy": policy}, round_)
-    prior_verdicts = verify_prior_task(cfg, {"prior_samples": prior, "problems": problems}, round_)
-    upstream = {"problems": problems, "prior_samples": prior, "prior_verdicts": prior_verdicts}
-    return finetune_q_phi_task(cfg, upstream | ({"init": init} if init else {}), round_)
+        q_phi = finetune_q_phi_task(cfg, {"problems": problems}, r)
+    else:
+        prior = sample_prior_task(cfg, {"problems": problems, "policy": policy}, r)
+        prior_verdicts = verify_prior_task(cfg, {"prior_samples": prior, "problems": problems}, r)
+        upstream = {"problems": problems, "prior_samples": prior, "prior_verdicts": prior_verdicts}
+        q_phi = finetune_q_phi_task(cfg, upstream | ({"init": init} if init else {}), r)
+        done += [prior, prior_verdicts]
+    done.append(q_phi)
+    return q_phi
 
 
 @flow(name="variational", log_prints=True)
@@ -41,27 +47,23 @@ def variational(config: str = "configs/tiny.yaml", overrides: list[str] | None =
     problems = ingest_task(cfg, {})
     base = base_model_task(cfg)
     pi_theta0 = finetune_pi_theta0_task(cfg, {"problems": problems})
-    q_phi = fit_posterior(cfg, problems, pi_theta0, None, 1)
-    policy, pi_theta = pi_theta0, None
+    done = [problems, pi_theta0]
+    q_phi = fit_posterior(cfg, problems, pi_theta0, None, 1, done)
+    policy = pi_theta = pi_theta0
     for r in range(1, cfg["rounds"] + 1):
-        if r > 1:
+        if r > 1:  # EM: the last policy scores and answers; q_phi follows it by forward KL
             policy = pi_theta
-            q_phi = fit_posterior(cfg, problems, policy, q_phi, r)
+            q_phi = fit_posterior(cfg, problems, policy, q_phi, r, done)
         samples = sample_posterior_task(cfg, {"problems": problems, "q_phi": q_phi}, r)
-        logps = score_task(cfg, {"problems": problems, "posterior_samples": samples, "pi_theta0": policy, "q_phi": q_phi}, r)
-        rollouts = rollouts_task(cfg, {"problems": problems, "posterior_samples": samples, "pi_theta0": policy}, r)
+        scored = {"problems": problems, "posterior_samples": samples}
+        logps = score_task(cfg, scored | {"pi_theta0": policy, "q_phi": q_phi}, r)
+        rollouts = rollouts_task(cfg, scored | {"pi_theta0": policy}, r)
         verdicts = verify_task(cfg, {"rollouts": rollouts, "problems": problems}, r)
-        weights = weights_task(
-            cfg, {"problems": problems, "posterior_samples": samples, "logps": logps, "verdicts": verdicts}, r
-        )
-        train = select_task(
-            cfg,
-            {"problems": problems, "weights": weights, "posterior_samples": samples, "rollouts": rollouts, "verdicts": verdicts},
-            r,
-        )
+        weights = weights_task(cfg, scored | {"logps": logps, "verdicts": verdicts}, r)
+        train = select_task(cfg, scored | {"weights": weights, "rollouts": rollouts, "verdicts": verdicts}, r)
         pi_theta = final_sft_task(cfg, {"train": train} | ({"init": pi_theta} if r > 1 else {}), r)
-    result = {"problems": problems, "pi_theta0": pi_theta0, "q_phi": q_phi, "train": train, "pi_theta": pi_theta}
+        done += [samples, logps, rollouts, verdicts, weights, train, pi_theta]
     if cfg["eval"]["enabled"]:
-        result["eval"] = evaluate_task(cfg, {"base": base, "pi_theta0": pi_theta0, "pi_theta": pi_theta})
-    result["report"] = report_task(cfg, result)
-    return result
+        done.append(evaluate_task(cfg, {"base": base, "pi_theta0": pi_theta0, "pi_theta": pi_theta}))
+    report = report_task(cfg, done)
+    return {"pi_theta": pi_theta, "train": train, "report": report}

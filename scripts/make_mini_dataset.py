@@ -93,9 +93,7 @@ NAMES = [("Tom", "He"), ("Mia", "She"), ("Sam", "He"), ("Lily", "She"), ("Ben", 
 
 def stratos_row(question: str, think: str, solution: str, source: str) -> dict:
     """One row in the Bespoke-Stratos-17k schema (method.md §5) plus its source."""
-    assistant = (
-        f"{BEGIN_THOUGHT}{SEP}{think}{SEP}{END_THOUGHT}{SEP}{BEGIN_SOLUTION}{SEP}{solution}{SEP}{END_SOLUTION}"
-    )
+    assistant = f"{BEGIN_THOUGHT}{SEP}{think}{SEP}{END_THOUGHT}{SEP}{BEGIN_SOLUTION}{SEP}{solution}{SEP}{END_SOLUTION}"
     return {
         "system": PI_SYSTEM,
         "conversations": [{"from": "user", "value": question}, {"from": "assistant", "value": assistant}],
@@ -132,7 +130,11 @@ def gsm8k_rows(path: Path, n: int) -> list[dict]:
     rows = []
     for it in items[:n]:
         st = steps(it)
-        think = "Let me work through it step by step.\n\n" + "\n\n".join(st) + f"\n\nSo the answer is {it['answer']}."
+        think = (
+            "Let me work through it step by step.\n\n"
+            + "\n\n".join(st)
+            + f"\n\nSo the answer is {it['answer']}."
+        )
         solution = f"{st[-1]}\n\nThe final answer is $\\boxed{{{it['answer']}}}$."
         question = " ".join(it["problem"].split())
         rows.append(stratos_row(BOXED_PREFIX + question, think, solution, f"gsm8k/{it['id']}"))
@@ -156,6 +158,12 @@ def eval_subsets(shared: Path) -> dict[str, list[dict]]:
     return out
 
 
+def interleave(*groups: list[dict]) -> list[dict]:
+    """Spread each group evenly over the file, so `limit: N` without a seed still sees every source."""
+    keyed = [((i + 0.5) / len(g), gi, row) for gi, g in enumerate(groups) for i, row in enumerate(g)]
+    return [row for _, _, row in sorted(keyed, key=lambda t: (t[0], t[1]))]
+
+
 def write_jsonl(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -166,7 +174,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
     args = ap.parse_args()
-    rows = arith_rows(N_ARITH) + gsm8k_rows(args.shared / "gsm8k_test.jsonl", N_GSM8K) + ruc_rows()
+    rows = interleave(arith_rows(N_ARITH), gsm8k_rows(args.shared / "gsm8k_test.jsonl", N_GSM8K), ruc_rows())
     write_jsonl(rows, OUT / "mini_stratos.jsonl")
     for bench, items in eval_subsets(args.shared).items():
         write_jsonl(items, OUT / "eval" / f"{bench}.jsonl")

@@ -29,7 +29,9 @@ from variational.config import BenchmarkConfig, EvalConfig, RunConfig
 from variational.stage import finish_stage, logger, open_store, reuse_stage, stage_task
 from variational.store import code_version, fingerprint, write_parquet_atomic
 
-TABLE = "eval"  # the store stage / DuckDB view this task writes (the task is named "evaluate")
+# store folder and task name; the DuckDB view is `eval` (variational.sqlview.TABLE_OF). stage_task's cache
+# check looks for <run>/<task name>/<fp>/manifest.json, so the two names must be the same.
+STAGE = "evaluate"
 MODELS = ("base", "pi_theta0", "pi_theta")
 EMBEDDED_EVAL_DIR = Path(variational.__file__).resolve().parent / "data" / "eval"
 KEY = ["model", "benchmark", "problem_id", "sample"]
@@ -302,7 +304,7 @@ def _model_id(manifest: dict) -> str:
 def fingerprint_of(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> str:
     conf = RunConfig.model_validate(cfg)
     return fingerprint(
-        TABLE,
+        STAGE,
         code=code_version(*_modules()),
         config={"eval": conf.eval, "engine": conf.engine, "verify_timeout_s": conf.verify.timeout_s},
         upstream={m: _model_id(upstream[m]) for m in conf.eval.models if m in upstream},
@@ -341,10 +343,10 @@ def generate_samples(sampler: Any, requests: pl.DataFrame, model: str, cfg: Eval
     return pl.DataFrame(rows, schema_overrides={"gold": pl.List(pl.String), "sample": pl.Int64})
 
 
-@stage_task("evaluate", fingerprint_of)
+@stage_task(STAGE, fingerprint_of)
 def evaluate_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict:
     conf = RunConfig.model_validate(cfg)
-    store = open_store(cfg, TABLE, fingerprint_of(cfg, upstream, round_))
+    store = open_store(cfg, STAGE, fingerprint_of(cfg, upstream, round_))
     if store.is_complete():
         return reuse_stage(store, round_)
     log = logger()
@@ -357,9 +359,8 @@ def evaluate_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict
     requests = build_eval_requests(benchmarks, conf.eval)
     log.info("evaluate: %d problems over %s, models %s", requests.height, list(benchmarks), models)
 
-    from variational.sampling import Sampler  # the one engine module
-
     from tasks.verify import check_answers  # math_verify lives there only
+    from variational.sampling import Sampler  # the one engine module
 
     for i, model in enumerate(models):
         if store.has_shard(i):  # shard i = model i: finished models survive a crash
@@ -367,7 +368,7 @@ def evaluate_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict
             continue
         with Sampler(upstream[model]["model_dir"], conf.engine) as sampler:
             samples = generate_samples(sampler, requests, model, conf.eval)
-        verdicts = check_answers(samples, timeout_s=conf.verify.timeout_s)
+        verdicts = check_answers(samples, timeout_s=conf.verify.timeout_s, workers=conf.verify.workers)
         store.write_shard(i, score_eval(samples, verdicts))
         log.info("evaluate: %s done, %d samples", model, samples.height)
 

@@ -13,7 +13,9 @@ Decisions:
 - The public dataset has no `source` column, so the source is "unknown" there; method.md §5's sources
   (numina/apps/taco/ruc, format `numina/<i>`) come only from a raw `source` column. Without it the ruc
   fallback never fires.
-- kind is "code" when the row has tests or its solution holds a ```python block and no `\\boxed{}`.
+- kind is "code" when the row has tests or its solution holds a ```python block and no `\\boxed{}`. Code
+  rows without tests (the public dataset has none) are kept: they verify as nothing and keep their original
+  trace in `select`, as in the official pipeline when a problem cannot be checked.
 """
 
 from __future__ import annotations
@@ -237,7 +239,7 @@ def load_raw(dataset: str, split: str = "train") -> pl.DataFrame:
         fmt = DATA_SUFFIXES[files[0].suffix]
         # local files always land in datasets' default "train" split
         ds = datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train")
-    return pl.from_arrow(ds.data.table)  # type: ignore[return-value]
+    return ds.to_polars()  # type: ignore[return-value]
 
 
 def content_hash(files: list[Path]) -> str:

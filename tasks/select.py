@@ -113,7 +113,8 @@ def _chosen(
             "problem row: weights and its upstream tables come from different runs; rerun `weights`"
         )
     use_rollout = estimator == "acc"
-    df = df.with_columns(use_rollout=pl.lit(use_rollout) & (pl.col("accuracy").fill_null(0.0) > 0))
+    acc = pl.col("accuracy").cast(pl.Float64).fill_nan(None).fill_null(0.0)
+    df = df.with_columns(use_rollout=pl.lit(use_rollout) & (acc > 0))
     if df["use_rollout"].any():
         if rollouts is None or verdicts is None:
             raise ValueError("estimator 'acc' needs the rollouts and verdicts tables to build the answers")
@@ -200,7 +201,8 @@ def select(
         )
     ]
     if mode == "17k-mix":
-        missing = problems.filter(~pl.col("prompt_idx").is_in(chosen["prompt_idx"].implode()))
+        have = chosen["prompt_idx"].cast(problems.schema["prompt_idx"])
+        missing = problems.filter(~pl.col("prompt_idx").is_in(have.implode()))
         parts = [_originals(problems, ORIGINAL), _originals(missing, FALLBACK), *parts]
     train = pl.concat(parts, how="vertical")
     block = pl.min_horizontal(pl.col("origin"), pl.lit(0))  # −2, −1, then every chosen sample together

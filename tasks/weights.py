@@ -320,7 +320,7 @@ def weights(
         p = p.with_columns(accuracy=pl.lit(None, pl.Float64))
     qw = question_weights(p, cfg.question_weighting).select(*on, "question_weight")
     out = out.join(qw, on=on, how="left", maintain_order="left").with_columns(estimator=pl.lit(cfg.estimator))
-    return out.select(OUTPUT_COLUMNS)
+    return out.select(OUTPUT_COLUMNS).sort("round", "prompt_idx", "sample_idx", maintain_order=True)
 
 
 def effective_sample_size(scored: pl.DataFrame) -> pl.DataFrame:
@@ -335,13 +335,17 @@ def effective_sample_size(scored: pl.DataFrame) -> pl.DataFrame:
 
 
 def summarize(out: pl.DataFrame) -> str:
+    """Markdown: candidates, eligible, selected (and how many of those came from the ruc fallback), ESS."""
     ess = effective_sample_size(out)
-    prompts = out["prompt_idx"].n_unique()
+    estimator = out["estimator"][0] if out.height else "-"
+    no_acc = pl.col("accuracy").cast(pl.Float64).fill_nan(None).fill_null(0.0) <= 0
+    via_ruc = out.filter("selected", no_acc).height if estimator == "acc" else 0
+    mean_ess = ess["ess"].mean() if ess.height else float("nan")
     return (
-        "| estimator | candidates | eligible | selected | prompts | mean ESS |\n|---|---|---|---|---|---|\n"
-        f"| {out['estimator'][0] if out.height else '-'} | {out.height} | {int(out['eligible'].sum())} "
-        f"| {int(out['selected'].sum())} | {prompts} "
-        f"| {ess['ess'].mean() if ess.height else float('nan'):.3f} |\n"
+        "| estimator | candidates | eligible | selected | of which ruc fallback | prompts | mean ESS |\n"
+        "|---|---|---|---|---|---|---|\n"
+        f"| {estimator} | {out.height} | {int(out['eligible'].sum())} | {int(out['selected'].sum())} "
+        f"| {via_ruc} | {out['prompt_idx'].n_unique()} | {mean_ess:.3f} |\n"
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import random
@@ -288,3 +289,45 @@ def test_generate_samples_groups_by_k_and_seeds_per_request() -> None:
     assert sampler.calls[0]["stop"] == [templates.ANSWER_STOP] and sampler.calls[0]["include_stop"]
     assert out.height == 5 and out["sample"].to_list() == [0, 1, 0, 1, 0]
     assert out.filter(pl.col("benchmark") == "b")["gold"].to_list() == [["3"]]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("variational.sampling") is None, reason="variational/sampling.py not written yet"
+)
+def test_evaluate_task_end_to_end(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The real stage: engine samples k per problem, math-verify checks, one shard per model, resume."""
+    bench = write_jsonl(
+        tmp_path / "toy.jsonl",
+        [
+            {"id": "a", "problem": "What is 1+1?", "answer": "2"},
+            {"id": "b", "problem": "2+3?", "answer": "5"},
+        ],
+    )
+    conf = RunConfig(
+        name="ev",
+        data_root=str(tmp_path / "data"),
+        base_model=str(tiny_model_dir),
+        engine={"dtype": "float32", "gpu_memory_utilization": 0.1, "max_model_len": 2048},
+        verify={"workers": 1},
+        eval=EvalConfig(
+            models=["base", "pi_theta"],
+            benchmarks={"toy": BenchmarkConfig(path=str(bench), k=2)},
+            sampling={"max_tokens": 8, "seed": 3},
+        ),
+    )
+    cfg = conf.model_dump(mode="json")
+    up = {
+        "base": {"model_dir": str(tiny_model_dir)},
+        "pi_theta": {"fingerprint": "x", "model_dir": str(tiny_model_dir)},
+    }
+    manifest = ev.evaluate_task.fn(cfg, up)
+    assert manifest["rows"] == 2 * 2 * 2 and manifest["shards"] == 2
+    assert "| toy | 2 | avg@2 |" in manifest["summary_markdown"]
+    table = pl.read_parquet(Path(manifest["path"]) / "part-00000.parquet")
+    assert set(table["model"]) == {"base"} and table.columns[:4] == ev.KEY
+    assert set(table["status"]) <= {"ok", "wrong", "no_answer", "timeout", "error", "gold_unparsable"}
+    summary = pl.read_parquet(manifest["summary_path"])
+    assert summary.height == 2 and set(summary["k"]) == {2}
+    # a finished stage is reused, not recomputed
+    assert ev.evaluate_task.fn(cfg, up)["finished_at"] == manifest["finished_at"]

@@ -8,7 +8,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tasks.ingest import PROBLEMS_SCHEMA, embedded_path, ingest, load_raw, subset
+from tasks.ingest import PROBLEMS_SCHEMA, embedded_path, fingerprint_of, ingest, ingest_task, load_raw, subset
+from variational.config import DataConfig, RunConfig
+from variational.store import read_stage
 from variational.templates import PI_SYSTEM
 
 
@@ -69,12 +71,17 @@ def test_source_gold_and_tests_columns_are_used() -> None:
     assert problems["source"].to_list() == ["numina/7", "ruc/1", "taco/3"]
     # explicit gold first, then the boxed answer of the solution (deduplicated)
     assert problems["gold"].to_list()[:2] == [["5.0", "5"], ["5"]]
-    assert problems["tests"][2].to_list() == [{"input": "2\n", "output": "4\n"}, {"input": "3\n", "output": "9\n"}]
+    assert problems["tests"][2].to_list() == [
+        {"input": "2\n", "output": "4\n"},
+        {"input": "3\n", "output": "9\n"},
+    ]
     assert problems["kind"].to_list() == ["math", "math", "code"]
 
 
 def test_math_without_gold_is_kept_with_empty_gold() -> None:
-    problems, rejects = ingest(pl.DataFrame([row("Why is the sky blue?", assistant("Rayleigh.", "Scattering."))]))
+    problems, rejects = ingest(
+        pl.DataFrame([row("Why is the sky blue?", assistant("Rayleigh.", "Scattering."))])
+    )
     assert rejects.is_empty()
     assert problems["gold"].to_list() == [[]] and problems["kind"][0] == "math"
 
@@ -84,11 +91,20 @@ BAD = [
     (row(None, assistant("t", "s")), "no user question"),
     (row("  ", assistant("t", "s")), "no user question (empty user turn)"),
     (
-        {"system": "", "conversations": [{"from": "assistant", "value": "a"}, {"from": "user", "value": "q"}]},
+        {
+            "system": "",
+            "conversations": [{"from": "assistant", "value": "a"}, {"from": "user", "value": "q"}],
+        },
         "turns are ['assistant', 'user'], expected ['user', 'assistant']",
     ),
-    (row("q?", "<|begin_of_thought|>\n\nt<|begin_of_solution|>s<|end_of_solution|>"), "missing <|end_of_thought|>"),
-    (row("q?", "<|begin_of_solution|>s<|end_of_solution|><|begin_of_thought|>t<|end_of_thought|>"), "out of order"),
+    (
+        row("q?", "<|begin_of_thought|>\n\nt<|begin_of_solution|>s<|end_of_solution|>"),
+        "missing <|end_of_thought|>",
+    ),
+    (
+        row("q?", "<|begin_of_solution|>s<|end_of_solution|><|begin_of_thought|>t<|end_of_thought|>"),
+        "out of order",
+    ),
     (row("q?", assistant("t", "s").replace("<|end_of_solution|>", "")), "missing <|end_of_solution|>"),
     (row("q?", assistant("", "s").replace("\n\n\n\n", "\n\n")), "empty think span"),
     (row("q?", "   "), "empty assistant turn"),
@@ -163,3 +179,37 @@ def test_local_files_load_through_datasets(tmp_path: Path, fmt: str) -> None:
     assert raw.height == 3
     problems, rejects = ingest(raw)
     assert problems.height == 2 and rejects.to_dicts() == [{"row_index": 2, "reason": "no assistant turn"}]
+
+
+def task_cfg(root: Path, dataset: str, **data: object) -> dict:
+    conf = RunConfig(
+        name="t", data_root=str(root), base_model="none", data=DataConfig(dataset=dataset, **data)
+    )
+    return conf.model_dump()
+
+
+def test_task_writes_problems_rejects_and_manifest(tmp_path: Path) -> None:
+    raw = tmp_path / "raw.jsonl"
+    pl.DataFrame([GOOD_MATH, row("q?", None), GOOD_CODE]).write_ndjson(raw)
+    cfg = task_cfg(tmp_path, str(raw))
+    m = ingest_task.fn(cfg, {})
+    assert (m["stage"], m["rows"], m["rows_in"], m["rejects"]) == ("problems", 2, 3, 1)
+    assert m["first_rejects"] == [{"row_index": 1, "reason": "no assistant turn"}]
+    assert m["kinds"] == {"math": 1, "code": 1} and m["no_gold"] == 1  # the code row has tests, not gold
+    folder = Path(m["path"])
+    assert read_stage(m)["prompt_idx"].to_list() == [0, 2]  # rejects.parquet is not read as problems
+    assert pl.read_parquet(folder / "rejects.parquet").to_dicts() == m["first_rejects"]
+    assert ingest_task.fn(cfg, {}) == m  # complete: reused, not recomputed
+
+    # the fingerprint follows the data config and the content of a local file
+    assert fingerprint_of(task_cfg(tmp_path, str(raw), limit=1), {}) != m["fingerprint"]
+    pl.DataFrame([GOOD_MATH]).write_ndjson(raw)
+    assert fingerprint_of(cfg, {}) != m["fingerprint"]
+    assert fingerprint_of(cfg, {}) == fingerprint_of(cfg, {}, round_=2)  # problems do not change per round
+
+
+def test_task_fails_when_every_row_is_rejected(tmp_path: Path) -> None:
+    raw = tmp_path / "raw.jsonl"
+    pl.DataFrame([row("q?", None)]).write_ndjson(raw)
+    with pytest.raises(ValueError, match="no usable rows.*no assistant turn"):
+        ingest_task.fn(task_cfg(tmp_path, str(raw)), {})

@@ -168,15 +168,16 @@ def eval_table() -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
+# keyed by the stage (folder) names the flow records; sqlview maps them to the table views
 TABLES = {
-    "problems": problems,
-    "posterior_samples": posterior_samples,
-    "logps": logps,
-    "rollouts": rollouts,
-    "verdicts": verdicts,
+    "ingest": problems,
+    "sample_posterior": posterior_samples,
+    "score": logps,
+    "answer_rollouts": rollouts,
+    "verify": verdicts,
     "weights": weights,
-    "train": train,
-    "eval": eval_table,
+    "select": train,
+    "evaluate": eval_table,
 }
 
 
@@ -232,7 +233,7 @@ def test_full_report(tmp_path: Path) -> None:
 
 
 def test_report_without_eval_and_weights_still_renders(tmp_path: Path) -> None:
-    make_run(tmp_path, skip=("eval", "weights", "train"))
+    make_run(tmp_path, skip=("evaluate", "weights", "select"))
     md = report.write_report(tmp_path, RUN, out_dir=tmp_path / "elsewhere").read_text()
     assert "_No `eval` table in this run (evaluation disabled or not run)._" in md
     assert "_No `weights` table" in md and "_No `train` table" in md
@@ -241,7 +242,7 @@ def test_report_without_eval_and_weights_still_renders(tmp_path: Path) -> None:
 
 
 def test_report_of_a_run_with_only_problems(tmp_path: Path) -> None:
-    make_run(tmp_path, skip=tuple(t for t in TABLES if t != "problems"))
+    make_run(tmp_path, skip=tuple(t for t in TABLES if t != "ingest"))
     md = report.write_report(tmp_path, RUN).read_text()
     assert "think_length.png" in md  # reference traces alone still plot
     assert "_No `verdicts` table" in md and "_No `posterior_samples` table" in md

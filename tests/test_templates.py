@@ -4,16 +4,13 @@ the `<|end_of` cut, brace matching of `\\boxed{}`."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from variational import templates as T
 
-# /work/main (the checkout) and /work/shared are siblings; CI keeps the copy at ../shared as well
-SHARED_DATA = Path(os.environ.get("VARIATIONAL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-LONGCOT = SHARED_DATA / "longcot_skyt1_format_model_outputs.jsonl"
+LONGCOT = "longcot_skyt1_format_model_outputs.jsonl"  # real Sky-T1-format generations (shared/data)
 
 
 def stratos_assistant(think: str, solution: str) -> str:
@@ -24,10 +21,9 @@ def stratos_assistant(think: str, solution: str) -> str:
     )
 
 
-def real_rows(n: int = 50) -> list[dict]:
-    if not LONGCOT.is_file():
-        pytest.skip(f"real long-CoT rows not found at {LONGCOT} (set VARIATIONAL_SHARED_DATA to shared/data)")
-    with LONGCOT.open() as f:
+def real_rows(shared_data: Path, n: int = 50) -> list[dict]:
+    """The first n rows; `shared_data` (conftest) skips when ../shared/data is absent."""
+    with (shared_data / LONGCOT).open() as f:
         return [json.loads(next(f)) for _ in range(n)]
 
 
@@ -55,8 +51,8 @@ def test_pi_prompt_ends_with_prefill_and_full_text_concatenates() -> None:
     )
 
 
-def test_real_long_cot_rows_round_trip() -> None:
-    for r in real_rows():
+def test_real_long_cot_rows_round_trip(shared_data: Path) -> None:
+    for r in real_rows(shared_data):
         text = stratos_assistant(r["think"], r["solution"])
         think, solution = T.split_stratos(text)
         # render -> parse -> render is the identity on the stored text
@@ -73,7 +69,10 @@ def test_split_stratos_names_the_missing_or_misordered_tag() -> None:
         T.split_stratos(f"{T.BEGIN_SOLUTION}s{T.END_SOLUTION}{T.BEGIN_THOUGHT}t{T.END_THOUGHT}")
 
 
-@pytest.mark.parametrize(("template", "begin", "end"), [("PB", T.BEGIN_THOUGHT, T.END_THOUGHT), ("PA", T.BEGIN_EXPLANATION, T.END_EXPLANATION)])
+@pytest.mark.parametrize(
+    ("template", "begin", "end"),
+    [("PB", T.BEGIN_THOUGHT, T.END_THOUGHT), ("PA", T.BEGIN_EXPLANATION, T.END_EXPLANATION)],
+)
 def test_posterior_prompt_puts_the_hint_before_the_begin_tag(template: str, begin: str, end: str) -> None:
     hint = "\n\nThe answer is $\\boxed{42}$.\n\n"
     prompt = T.posterior_prompt("What is 6*7?", hint, template)  # type: ignore[arg-type]
@@ -94,7 +93,11 @@ def test_unknown_posterior_template_is_named() -> None:
 @pytest.mark.parametrize(
     ("output", "think", "closed"),
     [
-        ("because 6*7=42<|end_of_thought|>\n\n<|begin_of_solution|>42<|end_of_solution|>", "because 6*7=42", True),
+        (
+            "because 6*7=42<|end_of_thought|>\n\n<|begin_of_solution|>42<|end_of_solution|>",
+            "because 6*7=42",
+            True,
+        ),
         ("because 6*7=42<|end_of_explanation|>", "because 6*7=42", True),  # PA output
         ("a<|end_of_thought|>b<|end_of_explanation|>", "a", True),  # the first tag wins
         ("ran out of tokens", "ran out of tokens", False),
@@ -104,8 +107,8 @@ def test_cut_think_accepts_pa_and_pb_outputs(output: str, think: str, closed: bo
     assert T.cut_think(output) == (think, closed)
 
 
-def test_cut_think_on_real_posterior_style_outputs() -> None:
-    for r in real_rows(10):
+def test_cut_think_on_real_posterior_style_outputs(shared_data: Path) -> None:
+    for r in real_rows(shared_data, 10):
         for end in (T.END_THOUGHT, T.END_EXPLANATION):
             assert T.cut_think(r["think"] + end + "trailing") == (r["think"], True), r["id"]
 

@@ -35,7 +35,16 @@ CAND_SCHEMA = {
 }
 
 
-def cand(p, s, ratio, acc=None, amean=None, asum=None, think_len=100, source="numina/1") -> dict:
+def cand(
+    p: int,
+    s: int | None,
+    ratio: float | None,
+    acc: float | None = None,
+    amean: float | None = None,
+    asum: float | None = None,
+    think_len: int | None = 100,
+    source: str | None = "numina/1",
+) -> dict:
     return dict(
         prompt_idx=p,
         sample_idx=s,
@@ -100,8 +109,8 @@ def test_gml_and_likelihood_hand_computed():
     lik = score_candidates(frame(rows), "likelihood")
     assert col(lik, "log_rho")[:2] == pytest.approx([-10.5, -2.1], abs=1e-12)
     assert col(lik, "selected") == [False, True, False]
-    # ρ̃_0 = e^−8.4/(1+e^−8.4) = 0.000224852
-    assert col(lik, "rho_tilde")[0] == pytest.approx(0.000224852, rel=1e-4)
+    # ρ̃_0 = e^−8.4/(1+e^−8.4) = 0.00022487/1.00022487 = 0.00022482
+    assert col(lik, "rho_tilde")[0] == pytest.approx(0.00022482, rel=1e-4)
 
 
 def test_tie_goes_to_lowest_sample_idx_whatever_the_row_order():
@@ -286,7 +295,7 @@ def test_question_weights():
 
 
 # ------------------------------------------------------------------ stage core ------------------------------
-def logp_row(p, s, model, span, toks, r=1) -> dict:
+def logp_row(p: int, s: int, model: str, span: str, toks: list[float], r: int = 1) -> dict:
     return dict(
         prompt_idx=p,
         sample_idx=s,
@@ -302,9 +311,7 @@ def logp_row(p, s, model, span, toks, r=1) -> dict:
 
 @pytest.fixture
 def stage_inputs() -> dict[str, pl.DataFrame]:
-    problems = pl.DataFrame(
-        {"prompt_idx": [0, 1], "source": ["numina/1", "ruc/9"], "question": ["q0", "q1"]}
-    )
+    problems = pl.DataFrame({"prompt_idx": [0, 1], "source": ["numina/1", "ruc/9"], "question": ["q0", "q1"]})
     samples = pl.DataFrame(
         {
             "prompt_idx": [0, 0, 1],
@@ -369,7 +376,9 @@ def test_weights_core_gml_without_verdicts_and_question_weighting(stage_inputs):
     assert out["log_rho"].to_list() == pytest.approx([-1.75, -4.25, -0.7])
     assert out["selected"].to_list() == [True, False, True]
     with pytest.raises(ValueError, match="verdicts"):
-        weights(s["posterior_samples"], s["logps"], None, s["problems"], WeightsConfig(question_weighting="rft"))
+        weights(
+            s["posterior_samples"], s["logps"], None, s["problems"], WeightsConfig(question_weighting="rft")
+        )
     rft = weights(
         s["posterior_samples"],
         s["logps"],
@@ -379,6 +388,32 @@ def test_weights_core_gml_without_verdicts_and_question_weighting(stage_inputs):
     )
     # p of prompt 0 = 3 correct of 6 rollouts; prompt 1 = 0 of 2
     assert rft["question_weight"].to_list() == [0.5, 0.5, 0.0]
+
+
+def test_weights_core_scores_each_round_separately(stage_inputs):
+    s = stage_inputs
+    again = {k: s[k].with_columns(round=pl.lit(2, pl.Int64)) for k in ("posterior_samples", "logps")}
+    # round 2: sample (0, 1) gets a far better think ratio, so it wins there (accuracy from the shared verdicts
+    # is 0 for it, so use gml)
+    again["logps"] = again["logps"].with_columns(
+        token_logps=pl.when((pl.col("sample_idx") == 1) & (pl.col("model") == "q_phi"))
+        .then(pl.lit([-9.0, -9.0], pl.List(pl.Float32)))
+        .otherwise("token_logps")
+    )
+    out = weights(
+        pl.concat([again["posterior_samples"], s["posterior_samples"]]),
+        pl.concat([again["logps"], s["logps"]]),
+        s["verdicts"],
+        s["problems"],
+        WeightsConfig(estimator="gml"),
+    )
+    assert out.select("round", "prompt_idx", "sample_idx").rows() == [
+        (1, 0, 0), (1, 0, 1), (1, 1, 0), (2, 0, 0), (2, 0, 1), (2, 1, 0)
+    ]  # fmt: skip
+    assert out["selected"].to_list() == [True, False, True, False, True, True]
+    assert out.group_by("round", "prompt_idx").agg(pl.col("rho_tilde").sum())["rho_tilde"].to_list() == (
+        pytest.approx([1.0] * 4)
+    )
 
 
 def test_weights_core_rejects_duplicate_keys(stage_inputs):
@@ -398,9 +433,7 @@ def test_gold_unparsable_verdicts_are_skipped(stage_inputs):
 
 
 def test_effective_sample_size():
-    df = pl.DataFrame(
-        {"prompt_idx": [0, 0, 1], "eligible": [True, True, True], "rho_tilde": [0.5, 0.5, 1.0]}
-    )
+    df = pl.DataFrame({"prompt_idx": [0, 0, 1], "eligible": [True, True, True], "rho_tilde": [0.5, 0.5, 1.0]})
     assert effective_sample_size(df)["ess"].to_list() == pytest.approx([2.0, 1.0])
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import duckdb
 import polars as pl
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from variational.sqlview import connect
 
@@ -114,14 +115,13 @@ def section_weights(t: dict[str, pl.DataFrame], out: Path) -> str:
     fig = Figure(figsize=(11, 4))
     ax1, ax2 = fig.subplots(1, 2)
     k_max = int(t["weights"]["sample_idx"].max() or 0) + 1
-    for i, (est,) in enumerate(stats.select("estimator").iter_rows()):
-        color = COLORS[i % len(COLORS)]
-        rho = w.filter(pl.col("estimator") == est)["rho_tilde"].to_numpy()
-        ess = per_q.filter(pl.col("estimator") == est)["ess"].to_numpy()
-        ax1.hist(rho, bins=20, range=(0, 1), histtype="step", lw=2, color=color, label=est)
-        ax2.hist(
-            ess, bins=max(k_max, 1), range=(0.5, k_max + 0.5), histtype="step", lw=2, color=color, label=est
-        )
+    ests = stats["estimator"].to_list()
+    rho = [w.filter(pl.col("estimator") == e)["rho_tilde"].to_numpy() for e in ests]
+    ess = [per_q.filter(pl.col("estimator") == e)["ess"].to_numpy() for e in ests]
+    colors = [COLORS[i % len(COLORS)] for i in range(len(ests))]
+    # filled side-by-side bars (one series per estimator); ESS in half-trace bins from 1 to K
+    ax1.hist(rho, bins=20, range=(0, 1), color=colors, label=ests)
+    ax2.hist(ess, bins=max(2 * (k_max - 1), 1), range=(1, max(k_max, 2)), color=colors, label=ests)
     ax1.set(
         title="Normalised importance weight ρ̃ (eligible traces)", xlabel="ρ̃ (fraction of the question's mass)"
     )
@@ -130,6 +130,7 @@ def section_weights(t: dict[str, pl.DataFrame], out: Path) -> str:
     ax2.set_ylabel("questions (count)")
     for ax in (ax1, ax2):
         ax.legend(title="estimator")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     img = _save(fig, out / "rho_tilde.png")
     return (
         f"{img}\nESS = 1/Σρ̃² over a question's eligible traces: 1 means one trace carries all the weight, "
@@ -163,7 +164,11 @@ def section_accuracy(t: dict[str, pl.DataFrame], out: Path) -> str:
     ax = fig.subplots()
     bars = ax.bar(stats["source"].to_list(), (100 * stats["accuracy"]).to_list(), color=COLORS[0])
     ax.bar_label(bars, labels=[f"n={n}" for n in stats["rollouts"]], padding=2)
-    ax.set(title="π_θ0 answer-rollout accuracy by source", xlabel="problem source", ylabel="accuracy (%)")
+    ax.set(
+        title="π_θ0 answer-rollout accuracy by source (n = rollouts)",
+        xlabel="problem source",
+        ylabel="accuracy (%)",
+    )
     ax.set_ylim(0, 105)
     return f"{_save(fig, out / 'rollout_accuracy.png')}\n{md_table(stats)}"
 
@@ -197,13 +202,17 @@ def section_think_length(t: dict[str, pl.DataFrame], out: Path) -> str:
     )
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
-    hi = max(10.0, float(lengths["chars"].max()))
-    bins = [10 ** (math.log10(1) + i * math.log10(hi) / 30) for i in range(31)]
+    lo = math.log10(max(1, int(lengths["chars"].min())))
+    hi = max(lo + 1, math.log10(max(1, int(lengths["chars"].max()))))
+    bins = [10 ** (lo + i * (hi - lo) / 30) for i in range(31)]
     for i, (who,) in enumerate(stats.select("who").iter_rows()):
-        x = lengths.filter(pl.col("who") == who)["chars"].to_numpy()
-        ax.hist(x.clip(1), bins=bins, histtype="step", lw=2, color=COLORS[i], label=who, density=False)
+        x = lengths.filter(pl.col("who") == who)["chars"].to_numpy().clip(1)
+        # share of each series, so K samples per question and one reference per question compare
+        ax.hist(
+            x, bins=bins, weights=[100 / len(x)] * len(x), histtype="step", lw=2, color=COLORS[i], label=who
+        )
     ax.set_xscale("log")
-    ax.set(title="Think length", xlabel="think length (characters, log scale)", ylabel="traces (count)")
+    ax.set(title="Think length", xlabel="think length (characters, log scale)", ylabel="share of traces (%)")
     ax.legend()
     tokens = ""
     if "posterior_samples" in t and "think_len" in t["posterior_samples"].columns:
@@ -218,17 +227,24 @@ def leak_flags(thinks: pl.DataFrame, think_col: str) -> pl.DataFrame:
 
     Literal substring test; a one-character gold such as "2" matches often, which is why the reference
     traces (no hint) are reported beside the q_φ samples as the baseline of chance matches."""
-    head = pl.col(think_col).str.slice(0, pl.col(think_col).str.len_chars() // 4)
-    return (
-        thinks.with_row_index("_row")
-        .with_columns(head=head)
-        .explode("gold")
+    base = thinks.with_row_index("_row").with_columns(
+        head=pl.col(think_col).str.slice(0, pl.col(think_col).str.len_chars() // 4)
+    )
+    hits = (
+        base.select("_row", "head", "gold")
+        .explode("gold")  # drops rows whose gold list is empty: the left join below brings them back
         .with_columns(g=pl.col("gold").str.strip_chars())
         .with_columns(
             hit=(pl.col("g").str.len_chars() > 0) & pl.col("head").str.contains(pl.col("g"), literal=True)
         )
-        .group_by("_row", "source")
+        .group_by("_row")
         .agg(leaked=pl.col("hit").fill_null(False).any())
+    )
+    return (
+        base.select("_row", "source")
+        .join(hits, on="_row", how="left")
+        .with_columns(pl.col("leaked").fill_null(False))
+        .sort("_row")
     )
 
 
@@ -287,7 +303,8 @@ def section_selection(t: dict[str, pl.DataFrame], out: Path) -> str:
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     colors = [COLORS[3] if o == -2 else COLORS[1] if o == -1 else COLORS[0] for o in counts["origin"]]
-    bars = ax.bar(labels, counts["rows"].to_list(), color=colors)
+    ticks = [lbl.replace(" ", "\n") for lbl in labels]  # two-line ticks so K+2 bars stay legible
+    bars = ax.bar(ticks, counts["rows"].to_list(), color=colors)
     ax.bar_label(bars, padding=2)
     ax.set(
         title="Training rows by origin", xlabel="origin (-2 original trace, -1 fallback, k = chosen sample)"

@@ -61,7 +61,7 @@ def connect(data_root: str | Path, run: str) -> duckdb.DuckDBPyConnection:
             parquet_rows = None
             if files:
                 scan = f"read_parquet({_files_sql(files)}, union_by_name=true)"
-                parquet_rows = con.execute(f"SELECT count(*) FROM {scan}").fetchone()[0]  # type: ignore[index]
+                parquet_rows = con.execute(f"SELECT count(*) FROM {scan}").fetchall()[0][0]
                 parts.append((int(round_), scan))
             meta.append(
                 {
@@ -135,9 +135,11 @@ def run_sql(data_root: str | Path, run: str, query: str) -> pl.DataFrame:
     """Run SQL (text, .sql file or saved query name) over a run's views; the last statement's result."""
     con = connect(data_root, run)
     try:
-        return con.execute(resolve_query(query)).pl()
+        rel = con.sql(resolve_query(query))  # runs every statement; the result is the last one's
+        return pl.DataFrame() if rel is None else rel.pl()
     except duckdb.CatalogException as err:
-        tables = sorted(r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall())
+        views = con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
+        tables = sorted({r[0] for r in views} | {META_VIEW})
         raise ValueError(
             f"{err}\nrun {run!r} has the tables {tables}; a missing table means its stage has not run yet"
         ) from None
@@ -185,3 +187,15 @@ def list_runs(data_root: str | Path) -> list[tuple[str, list[dict[str, Any]]]]:
             )
         out.append((run, rows))
     return out
+
+
+def format_runs(runs: list[tuple[str, list[dict[str, Any]]]]) -> str:
+    """`list_runs` as text: one block per run, one line per stage and round."""
+    lines = []
+    for run, stages in runs:
+        lines.append(run)
+        for s in stages:
+            r = "" if s["round"] is None else f" [round {s['round']}]"
+            rows = "" if s["rows"] is None else f"{s['rows']} rows"
+            lines.append(f"  {s['stage'] + r:<28} {s['status']:<22} {rows:<14} {s['fingerprint']}")
+    return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""trainers/sft.py on the tiny random Llama: loss, weights, packing isolation, loss falls, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainers import sft
+from variational import templates
+from variational.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = [
+    ("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n", "Two and two make four.", 1.0),
+    (
+        "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n",
+        "Blue, like the sky at noon.",
+        1.0,
+    ),
+    ("<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n", "Hi there!", 1.0),
+]
+
+
+def frame(rows=ROWS) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema=["prompt", "response", "weight"], orient="row")
+
+
+@pytest.fixture(scope="module")
+def tok_model(tiny_model_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    return tok, model
+
+
+def grads(model, batches: list[dict], denom: float = 1.0) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for b in batches:
+        wsum, _ = sft.micro_batch_loss(model, b)
+        (wsum / denom).backward()
+        total += wsum.item() / denom
+    out = {
+        n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in model.named_parameters()
+    }
+    model.zero_grad(set_to_none=True)
+    return total, out
+
+
+def assert_grads_close(a: dict, b: dict, atol: float = 1e-6) -> None:
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_tokenize_boundary_truncation_and_think_weights(tok_model) -> None:
+    tok, _ = tok_model
+    cfg = TrainConfig(max_length=16, think_weight=0.5, answer_weight=2.0)
+    think, solution = "Let me think.", "42"
+    df = pl.DataFrame(
+        {
+            "prompt": [ROWS[0][0]],
+            "response": [templates.pi_response(think, solution)],
+            "weight": [3.0],
+            "think_chars": [len(think)],
+        }
+    )
+    cfg_long = cfg.model_copy(update={"max_length": 4096})
+    (ex,) = sft.tokenize_examples(tok, df, cfg_long)
+    p = tok(ROWS[0][0], add_special_tokens=False)["input_ids"]
+    r = tok(df["response"][0], add_special_tokens=False)["input_ids"]
+    assert ex.ids == p + r and ex.n_prompt == len(p) and not ex.truncated
+    n_think = len(tok(think, add_special_tokens=False)["input_ids"])
+    assert ex.weights[:n_think] == [1.5] * n_think and set(ex.weights[n_think:]) == {6.0}
+    (short,) = sft.tokenize_examples(tok, df, cfg)
+    assert short.truncated and len(short.ids) == 16 and short.ids == (p + r)[:16]
+    with pytest.raises(ValueError, match="think_chars"):
+        sft.tokenize_examples(tok, df.drop("think_chars"), cfg)
+
+
+def test_token_mean_equals_plain_sft_loss(tok_model) -> None:
+    tok, model = tok_model
+    cfg = TrainConfig(loss_normalizer="token_mean")
+    exs = sft.tokenize_examples(tok, frame(), cfg)
+    wsum, n = sft.micro_batch_loss(model, sft.collate(exs))
+    ours = wsum / sft.normaliser("token_mean", exs, avg_response_len=123.0)
+    # hand-written: each example alone, CE of every response token given its prefix, mean over all tokens
+    ces = []
+    with torch.no_grad():
+        for prompt, response, _ in ROWS:
+            p = tok(prompt, add_special_tokens=False)["input_ids"]
+            r = tok(response, add_special_tokens=False)["input_ids"]
+            logits = model(torch.tensor([p + r])).logits[0]
+            ces.append(F.cross_entropy(logits[len(p) - 1 : -1], torch.tensor(r), reduction="none"))
+    plain = torch.cat(ces).mean()
+    assert n == sum(len(c) for c in ces)
+    torch.testing.assert_close(ours.detach(), plain, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_equals_alone_and_padded(tok_model) -> None:
+    tok, model = tok_model
+    exs = sft.tokenize_examples(tok, frame(), TrainConfig())
+    loss_packed, g_packed = grads(model, [sft.collate(exs)])
+    loss_alone, g_alone = grads(model, [sft.collate([e]) for e in exs])
+    loss_padded, g_padded = grads(model, [sft.collate(exs, packed=False, pad_id=tok.pad_token_id)])
+    assert loss_packed == pytest.approx(loss_alone, rel=1e-5)
+    assert loss_padded == pytest.approx(loss_alone, rel=1e-5)
+    assert_grads_close(g_packed, g_alone)
+    assert_grads_close(g_padded, g_alone)
+    # the mask matters: the same row read as ONE sequence (no restart) gives another loss
+    b = sft.collate(exs)
+    b["position_ids"] = torch.arange(b["input_ids"].shape[1])[None]
+    assert sft.micro_batch_loss(model, b)[0].item() != pytest.approx(loss_alone, rel=1e-3)
+
+
+def test_zero_weight_contributes_no_gradient(tok_model) -> None:
+    tok, model = tok_model
+    rows = [ROWS[0], (ROWS[1][0], ROWS[1][1], 0.0)]
+    exs = sft.tokenize_examples(tok, frame(rows), TrainConfig())
+    _, g_zero = grads(model, [sft.collate([exs[1]])])
+    assert all(bool((g == 0).all()) for g in g_zero.values())
+    # Dr. SFT divides by L̄·|S|: the weight-0 example only adds to |S| (2 instead of 1)
+    avg = 10.0
+    _, g_pair = grads(model, [sft.collate(exs)], sft.normaliser("dr_sft", exs, avg))
+    _, g_one = grads(model, [sft.collate(exs[:1])], sft.normaliser("dr_sft", exs[:1], avg))
+    assert_grads_close({k: 2 * v for k, v in g_pair.items()}, g_one)
+
+
+def test_weights_scale_gradient(tok_model) -> None:
+    tok, model = tok_model
+    one = sft.tokenize_examples(tok, frame(ROWS[:1]), TrainConfig())
+    three = sft.tokenize_examples(tok, frame([(ROWS[0][0], ROWS[0][1], 3.0)]), TrainConfig())
+    _, g1 = grads(model, [sft.collate(one)])
+    _, g3 = grads(model, [sft.collate(three)])
+    assert_grads_close({k: 3 * v for k, v in g1.items()}, g3, atol=1e-5)
+
+
+def test_plan_steps_schedule_and_packing() -> None:
+    cfg = TrainConfig(batch_size=4, epochs=1.5, seed=7)
+    plan = sft.plan_steps(10, cfg)
+    assert [len(s) for s in plan] == [4, 4, 2, 4, 4]  # 3 steps per epoch, 1.5 epochs -> ceil(4.5)
+    assert sorted(i for s in plan[:3] for i in s) == list(range(10))
+    assert plan == sft.plan_steps(10, cfg) and plan[:3] != plan[3:] + [[]]
+    assert plan[:3] != sft.plan_steps(10, cfg.model_copy(update={"seed": 8}))[:3]
+    lr = [sft.lr_at(s, 10, TrainConfig(learning_rate=1.0, warmup_ratio=0.2)) for s in range(10)]
+    assert (
+        lr[0] == 0.5
+        and lr[1] == 1.0
+        and lr[2] == 1.0
+        and lr[-1] < 0.05
+        and lr == sorted(lr[:2]) + sorted(lr[2:], reverse=True)
+    )
+    assert sft.pack([5, 5, 5, 20, 1], 10) == [[0, 1], [2], [3], [4]]
+    exs = [sft.Example([1] * n, 1, [1.0] * (n - 1), False) for n in (5, 5, 5)]
+    shards = [sft.shard_step(exs, 10, 2, r, packed=True) for r in range(2)]
+    assert [len(s) for s in shards] == [1, 1] and shards[1][0] == [exs[2]]
+    assert [len(m) for m in sft.shard_step(exs, 10, 4, 3, packed=True)] == [0]  # empty pad micro-batch
+
+
+def small_rows(n: int = 16) -> pl.DataFrame:
+    path = REPO / "variational" / "data" / "mini_stratos.jsonl"
+    from tasks.ingest import ingest
+
+    problems, _ = ingest(pl.read_ndjson(path))
+    from tasks.finetune import pi_theta0_examples
+
+    return pi_theta0_examples(problems.head(n))
+
+
+def test_loss_falls_and_folder_loads(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = TrainConfig(
+        learning_rate=3e-3, epochs=4, batch_size=8, micro_batch_tokens=2048, max_length=512, warmup_ratio=0.1
+    )
+    m = sft.train(tiny_model_dir, small_rows(), cfg, tmp_path / "out", progress=False)
+    curve = m["loss_curve"]
+    assert m["steps"] == 8 and len(curve) == 8
+    assert sum(curve[-2:]) / 2 < 0.8 * sum(curve[:2]) / 2, curve
+    assert m["padding_fraction"] == 0.0 and m["tokens"] > 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.num_hidden_layers == 2
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template
+    assert not (tmp_path / "out" / sft.CHECKPOINTS).exists()
+    # a second call finds the finished folder and trains nothing
+    assert sft.train(tiny_model_dir, small_rows(), cfg, tmp_path / "out", progress=False) == json.loads(
+        (tmp_path / "out" / sft.METRICS).read_text()
+    )
+
+
+def test_resume_after_crash_equals_uninterrupted(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    df = small_rows(12)
+    cfg = TrainConfig(
+        learning_rate=1e-3, epochs=2, batch_size=4, micro_batch_tokens=1024, max_length=384, save_steps=2
+    )
+    full = sft.train(tiny_model_dir, df, cfg, tmp_path / "full", progress=False)
+    crashed = sft.train(tiny_model_dir, df, cfg, tmp_path / "resumed", progress=False, stop_after=5)
+    assert crashed["stopped"] and [p.name for p in sft.checkpoints(tmp_path / "resumed")] == ["step-00004"]
+    resumed = sft.train(tiny_model_dir, df, cfg, tmp_path / "resumed", progress=False)
+    assert resumed["steps"] == full["steps"] == 6
+    assert resumed["loss_curve"] == pytest.approx(full["loss_curve"], rel=1e-5)
+    a = load_file(tmp_path / "full" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    base = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert not torch.equal(base["model.norm.weight"], a["model.norm.weight"])  # it did train
+
+
+def test_cli(tiny_model_dir: Path, tmp_path: Path) -> None:
+    small_rows(4).write_parquet(tmp_path / "train.parquet")
+    sft.main(
+        [
+            "--model", str(tiny_model_dir), "--data", str(tmp_path / "train.parquet"), "--out", str(tmp_path / "m"),
+            "--set", "epochs=1", "--set", "batch_size=2", "--set", "max_length=256",
+        ]
+    )  # fmt: skip
+    assert json.loads((tmp_path / "m" / sft.METRICS).read_text())["steps"] == 2

@@ -1,0 +1,154 @@
+"""variational/store.py: atomic shards under SIGKILL, manifests, run.json, fingerprint stability/sensitivity."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from variational import config, templates
+from variational.config import DataConfig
+from variational.store import (
+    StageStore,
+    code_version,
+    fingerprint,
+    read_stage,
+    record_stage,
+    run_stages,
+    write_parquet_atomic,
+)
+
+ROWS = 2_000_000  # ~35 MB of parquet: the temp file exists for about a second on this machine
+WRITER = textwrap.dedent(
+    """
+    import sys
+    import polars as pl
+    from variational.store import StageStore
+    n = int(sys.argv[2])
+    df = pl.select(i=pl.int_range(n), s=pl.int_range(n).hash(7).cast(pl.String))
+    StageStore(sys.argv[1], "run", "rollouts", "fp").write_shard(0, df)
+    """
+)
+
+
+def start_writer(root: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(ROWS)])
+
+
+def temp_files(store: StageStore) -> list[Path]:
+    return list(store.dir.glob(".part-*")) if store.dir.exists() else []
+
+
+def test_writer_killed_mid_write_leaves_no_shard_and_rerun_completes(tmp_path: Path) -> None:
+    store = StageStore(tmp_path, "run", "rollouts", "fp")
+    proc = start_writer(tmp_path)
+    deadline = time.time() + 120
+    while not temp_files(store):
+        assert proc.poll() is None, "writer exited before its temp file was seen"
+        assert time.time() < deadline, "writer never created its temp file"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)  # mid-write: the temp file is still growing
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not store.has_shard(0), "a killed writer must never leave a part file"
+    assert store.shard_ids() == [] and not store.is_complete()
+    assert [p.name.split("-")[1] for p in store.dir.iterdir()] == ["00000.parquet.tmp"]  # only the temp file
+    with pytest.raises(FileNotFoundError, match="rerun"):
+        store.read()
+
+    rerun = start_writer(tmp_path)
+    assert rerun.wait(timeout=120) == 0
+    assert store.shard_ids() == [0]
+    manifest = store.finish()
+    assert manifest["rows"] == ROWS == read_stage(manifest).height  # the stale temp file is not read
+
+
+def test_failed_write_cleans_its_temp_file(tmp_path: Path) -> None:
+    bad = pl.DataFrame({"o": pl.Series([object()], dtype=pl.Object)})  # Object columns cannot be written
+    with pytest.raises(Exception):  # noqa: B017 (polars raises its own error type for this)
+        write_parquet_atomic(bad, tmp_path / "part-00000.parquet")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manifest_fields_and_run_json(tmp_path: Path) -> None:
+    store = StageStore(tmp_path, "run", "verdicts", "abc123")
+    store.write_shard(0, pl.DataFrame({"prompt_idx": [0, 1], "correct": [True, False]}))
+    store.write_shard(1, pl.DataFrame({"prompt_idx": [2], "correct": [True]}))
+    assert not store.is_complete()
+    m = store.finish(rows_in=3, round=1)
+    assert store.is_complete() and store.manifest() == json.loads(json.dumps(m, default=str))
+    assert {
+        "stage",
+        "run",
+        "fingerprint",
+        "path",
+        "rows",
+        "shards",
+        "schema",
+        "libraries",
+        "wall_time_s",
+    } <= set(m)
+    assert (m["stage"], m["run"], m["fingerprint"], m["rows"], m["shards"]) == (
+        "verdicts",
+        "run",
+        "abc123",
+        3,
+        2,
+    )
+    assert m["schema"] == {"prompt_idx": "Int64", "correct": "Boolean"}
+    assert m["rows_in"] == 3 and "polars" in m["libraries"]
+    assert read_stage(m)["prompt_idx"].to_list() == [0, 1, 2]
+
+    record_stage(tmp_path, "run", "verdicts", m, 1)
+    record_stage(tmp_path, "run", "verdicts", {**m, "fingerprint": "def456"}, 2)
+    stages = run_stages(tmp_path, "run")
+    assert (
+        stages["verdicts"]["1"]["fingerprint"] == "abc123"
+        and stages["verdicts"]["2"]["fingerprint"] == "def456"
+    )
+    assert stages["verdicts"]["1"]["rows"] == 3
+    with pytest.raises(FileNotFoundError, match="no run 'other'"):
+        run_stages(tmp_path, "other")
+
+
+BASE = dict(code="c1", config=DataConfig(limit=8), upstream={"problems": "f1"}, seed=0)
+
+
+def test_fingerprint_is_stable() -> None:
+    fp = fingerprint("rollouts", **BASE)
+    assert fp == fingerprint("rollouts", **BASE) and len(fp) == 16
+    # the same values in another container or order hash the same
+    same = dict(code="c1", config=DataConfig(limit=8).model_dump(), upstream={"problems": "f1"}, seed=0)
+    assert fingerprint("rollouts", **same) == fp
+    assert fingerprint("x", code="c", config={"a": 1, "b": Path("/p")}) == fingerprint(
+        "x", code="c", config={"b": "/p", "a": 1}
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"code": "c2"},
+        {"config": DataConfig(limit=9)},
+        {"config": DataConfig(limit=8, subset_seed=1)},
+        {"upstream": {"problems": "f2"}},
+        {"seed": 1},
+        {"model": "smollm2"},
+    ],
+)
+def test_fingerprint_changes_with_every_input(change: dict) -> None:
+    assert fingerprint("rollouts", **{**BASE, **change}) != fingerprint("rollouts", **BASE)
+
+
+def test_fingerprint_changes_with_stage_name_and_code_version() -> None:
+    assert fingerprint("verdicts", **BASE) != fingerprint("rollouts", **BASE)
+    assert code_version(templates) == code_version(templates)
+    assert code_version(templates) != code_version(config)
+    assert code_version(templates, config) != code_version(config, templates)
