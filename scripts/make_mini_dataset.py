@@ -6,7 +6,8 @@ Out:
   with the shortest solutions (gsm8k/<id>), and a few hand-written science questions (ruc/<i>) so the ruc
   fallback of the Acc estimator runs. Thinks are 1-4 sentences, so responses stay ~50-150 tokens and
   SmolLM2-135M-Instruct can sometimes solve them.
-- variational/data/eval/<bench>.jsonl: small subsets {id, problem, answer, source} for the tiny config.
+- variational/data/eval/<bench>.jsonl: 8 rows {id, problem, answer, source} for the tiny config, and
+  <bench>-full.jsonl: every row, same fields, for the subset-1k and full-17k configs.
 
 Usage: python scripts/make_mini_dataset.py [--shared /work/shared/data]
 """
@@ -149,13 +150,23 @@ def ruc_rows() -> list[dict]:
 
 
 def eval_subsets(shared: Path) -> dict[str, list[dict]]:
+    """<bench>: 8 rows for the tiny config; <bench>-full: every row (subset-1k / full-17k configs)."""
     out = {}
     for bench in ("math500", "aime24", "aime25", "amc23", "olympiadbench"):
         items = [json.loads(line) for line in (shared / f"{bench}.jsonl").read_text().splitlines()]
-        if bench == "math500":  # the easiest level gives a 135M model a chance to score at all
-            items = [it for it in items if it.get("level") == 1]
-        out[bench] = [{k: it[k] for k in ("id", "problem", "answer", "source")} for it in items[:EVAL_ROWS]]
+        items = [
+            {k: it[k] for k in ("id", "problem", "answer", "source")} | {"level": it.get("level")}
+            for it in items
+        ]
+        # the easiest MATH level gives a 135M model a chance to score at all
+        small = [it for it in items if it["level"] == 1] if bench == "math500" else items
+        out[bench] = [_without_level(it) for it in small[:EVAL_ROWS]]
+        out[f"{bench}-full"] = [_without_level(it) for it in items]
     return out
+
+
+def _without_level(item: dict) -> dict:
+    return {k: v for k, v in item.items() if k != "level"}
 
 
 def interleave(*groups: list[dict]) -> list[dict]:

@@ -14,9 +14,9 @@ Pass@k = the unbiased estimator of Chen et al. 2021 on the same samples.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,8 +24,10 @@ from typing import Any
 import polars as pl
 
 import variational
-from variational import templates
+from tasks import verify  # math_verify itself is imported only in its worker processes
+from variational import sampling, templates
 from variational.config import BenchmarkConfig, EvalConfig, RunConfig
+from variational.sampling import Sampler, request_seed
 from variational.stage import finish_stage, logger, open_store, reuse_stage, stage_task
 from variational.store import code_version, fingerprint, write_parquet_atomic
 
@@ -286,14 +288,8 @@ def score_eval(samples: pl.DataFrame, verdicts: pl.DataFrame) -> pl.DataFrame:
 
 
 def _modules() -> list[ModuleType]:
-    """This stage's code plus the helpers it runs (when they exist yet)."""
-    mods: list[ModuleType] = [importlib.import_module(__name__), templates]
-    for name in ("tasks.verify", "variational.sampling"):
-        try:
-            mods.append(importlib.import_module(name))
-        except ImportError:
-            continue
-    return mods
+    """This stage's code plus the helpers whose changes change its rows (prompts, engine, verifier)."""
+    return [sys.modules[__name__], templates, verify, sampling]
 
 
 def _model_id(manifest: dict) -> str:
@@ -315,7 +311,8 @@ def fingerprint_of(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> str
 
 def generate_samples(sampler: Any, requests: pl.DataFrame, model: str, cfg: EvalConfig) -> pl.DataFrame:
     """k completions per request (grouped by k: one engine call per distinct k, n=k, never k copies).
-    Seeds: sampling.seed + request_idx, so every problem has its own stream and reruns reproduce it."""
+    Seeds: sampling.seed + a stable offset per request (sampling.request_seed of request_idx), so every
+    problem has its own stream and reruns reproduce it."""
     rows = []
     for (k,), grp in requests.group_by("k", maintain_order=True):
         outs = sampler.generate(
@@ -323,7 +320,7 @@ def generate_samples(sampler: Any, requests: pl.DataFrame, model: str, cfg: Eval
             n=int(k),
             sampling=cfg.sampling,
             stop=[templates.ANSWER_STOP],
-            seeds=[cfg.sampling.seed + int(i) for i in grp["request_idx"]],
+            seeds=[request_seed(cfg.sampling.seed, 0, int(i)) for i in grp["request_idx"]],
             include_stop=True,
         )
         for req, comps in zip(grp.iter_rows(named=True), outs, strict=True):
@@ -359,16 +356,13 @@ def evaluate_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict
     requests = build_eval_requests(benchmarks, conf.eval)
     log.info("evaluate: %d problems over %s, models %s", requests.height, list(benchmarks), models)
 
-    from tasks.verify import check_answers  # math_verify lives there only
-    from variational.sampling import Sampler  # the one engine module
-
     for i, model in enumerate(models):
         if store.has_shard(i):  # shard i = model i: finished models survive a crash
             log.info("evaluate: %s already evaluated (shard %d)", model, i)
             continue
         with Sampler(upstream[model]["model_dir"], conf.engine) as sampler:
             samples = generate_samples(sampler, requests, model, conf.eval)
-        verdicts = check_answers(samples, timeout_s=conf.verify.timeout_s, workers=conf.verify.workers)
+        verdicts = verify.check_answers(samples, timeout_s=conf.verify.timeout_s, workers=conf.verify.workers)
         store.write_shard(i, score_eval(samples, verdicts))
         log.info("evaluate: %s done, %d samples", model, samples.height)
 

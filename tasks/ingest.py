@@ -36,7 +36,9 @@ from variational.config import DataConfig, RunConfig
 from variational.stage import finish_stage, logger, open_store, reuse_stage, stage_task
 from variational.store import code_version, write_parquet_atomic
 
-TABLE = "problems"  # the store stage / DuckDB view this task writes
+# store folder = task name (stage_task's cache check looks there); the DuckDB view is `problems`
+# (variational.sqlview.TABLE_OF)
+STAGE = "ingest"
 SHARD_ROWS = 4096
 EMBEDDED = "embedded:"
 ROLE_ALIASES = {"human": "user", "gpt": "assistant"}  # ShareGPT spellings of the same roles
@@ -260,7 +262,7 @@ def fingerprint_of(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> str
     data = RunConfig.model_validate(cfg).data
     files = local_files(data.dataset, data.split)
     return store_mod.fingerprint(
-        TABLE,
+        STAGE,
         code=code_version(sys.modules[__name__], templates),
         config=data,
         content=content_hash(files) if files else None,
@@ -285,11 +287,11 @@ def load_subset(data: DataConfig) -> pl.DataFrame:
     return subset(load_raw(data.dataset, data.split), data.limit, data.subset_seed)
 
 
-@stage_task("ingest", fingerprint_of)
+@stage_task(STAGE, fingerprint_of)
 def ingest_task(cfg: dict, upstream: dict[str, dict] | None = None, round_: int = 1) -> dict:
     """Load the dataset, write `problems` shards and `rejects.parquet`; the manifest lists the first rejects."""
     conf = RunConfig.model_validate(cfg)
-    store = open_store(cfg, TABLE, fingerprint_of(cfg, upstream or {}, round_))
+    store = open_store(cfg, STAGE, fingerprint_of(cfg, upstream or {}, round_))
     if store.is_complete():
         return reuse_stage(store, round_)
     raw = load_subset(conf.data)

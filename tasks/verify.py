@@ -5,38 +5,26 @@ Out: table `verdicts`: the rollout keys plus extracted, correct, status, verifie
      status: ok / wrong / no_answer / timeout / error / gold_unparsable.
 
 Pieces (design.md "Verifier contract"):
-- `check_answers(df[text, gold])`: math-verify in worker PROCESSES (`MathPool`). math-verify's own timeouts
-  use SIGALRM (main thread only) and a parse can still hang inside C code, so every row gets a soft deadline
-  in the worker (our own SIGALRM -> status timeout, worker survives) and a hard one in the parent (the worker
-  is killed and replaced, the row is `timeout`, its batch-mates are re-queued). Rows go to workers in batches.
-- `check_code(df[text, tests])`: the last fenced code block, run once per test with `python -I` in a temp
-  dir, under CPU/memory/file-size rlimits, a wall timeout, and without network (`unshare -n`) when possible.
+- `check_answers(df[text, gold])`: math-verify run by `MathPool` worker processes (variational/procpool.py):
+  math-verify's own timeouts use SIGALRM (main thread only) and a parse can hang, so every row has a soft
+  deadline inside its worker and a hard one in the parent (the worker is killed and replaced).
+- `check_code(df[text, tests])`: the last fenced ```python block against every test, in the sandbox of
+  variational/sandbox.py (rlimits, wall timeout, no network).
 - `verify` (the stage core), `verify_task` / `verify_prior_task` (Prefect wrappers), `verifier_report`
-  (agreement with the labelled pairs in shared/data, `variational verifier-report`).
-math_verify is imported here only, and lazily (inside the workers), so importing this module stays cheap.
+  (agreement with the labelled pairs of shared/data; CLI `variational verifier-report`).
+math_verify is imported here only, and lazily (in the workers), so importing this module stays cheap.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import math
-import multiprocessing as mp
-import os
+import logging
 import re
-import resource
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +33,12 @@ from tqdm.auto import tqdm
 
 from variational import templates
 from variational.config import RunConfig, VerifyConfig
+from variational.procpool import HARD_GRACE_S, DeadlinePool, Outcome, cpu_count
+from variational.sandbox import last_code_block, run_tests
 from variational.stage import finish_stage, logger, open_store, reuse_stage, run_shards, stage_task
 from variational.store import code_version, fingerprint, read_stage
+
+__all__ = ["HARD_GRACE_S", "last_code_block"]  # re-exported for callers and tests
 
 STAGE, TABLE = "verify", "verdicts"
 STATUSES = ("ok", "wrong", "no_answer", "timeout", "error", "gold_unparsable")
@@ -59,34 +51,21 @@ VERDICT_SCHEMA = {
     "elapsed_ms": pl.Float64,
 }
 MATH_VERIFIER, CODE_VERIFIER = "math_verify", "code_tests"
-HARD_GRACE_S = 1.0  # parent kills a worker this long after the row's soft deadline
 MAX_REGION = 20_000  # chars handed to math-verify; the answer is at the end (see _answer_region)
 MAX_EXTRACTED = 2_000
 # LaTeX delimiters: text that has one is parsed as is; a bare answer without any is wrapped in $\boxed{}$
-_DELIMITED = re.compile(r"\$|\\\(|\\\[|\\boxed|\\fbox")
+_DELIMITED = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed|\\fbox")
 _COMMAND = re.compile(r"\\+[A-Za-z]+")
 _WORD = re.compile(r"[A-Za-z]{3,}")
 
 
-# ================================================================ math: inside a worker process
-class _RowTimeout(BaseException):
-    """Raised by our SIGALRM handler; a BaseException because math-verify and sympy swallow Exception."""
-
-
-_armed = False  # the alarm only raises while a row is being checked
-
-
-def _on_alarm(signum: int, frame: Any) -> None:
-    if _armed:
-        raise _RowTimeout
-
-
+# ================================================================ math: what a worker runs
 def _parse(text: str) -> list:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
     # boxed_match_priority=0: a \boxed answer beats other candidates; among equals the last one wins, and
     # several \boxed in one display combine into a set (measured: +13 agreements over wrapping last_boxed
-    # alone on the math_verify pairs). Timeouts are ours (SIGALRM above), so math-verify's are off.
+    # alone on the math_verify pairs). Timeouts are the pool's (its SIGALRM), so math-verify's are off.
     config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
     return parse(text, config, parsing_timeout=None)
 
@@ -135,8 +114,10 @@ def _parse_pred(text: str) -> list:
     if _looks_bare(region):
         # without delimiters only the expression extractor sees it, and it stops at the first LaTeX command
         # ("\frac{3}{4}i" -> 3/4): when the match does not cover the whole answer, read it as boxed LaTeX
-        covered = bool(pred) and isinstance(pred[-1], str) and len(re.sub(r"\s", "", pred[-1])) >= len(
-            re.sub(r"\s", "", region)
+        covered = (
+            bool(pred)
+            and isinstance(pred[-1], str)
+            and len(re.sub(r"\s", "", pred[-1])) >= len(re.sub(r"\s", "", region))
         )
         if not covered:
             wrapped = _parse(f"$\\boxed{{{region.strip()}}}$")
@@ -169,208 +150,20 @@ def check_math_row(text: str | None, golds: list[str]) -> tuple[str | None, bool
     return _extracted(pred), correct, "ok" if correct else "wrong"
 
 
-def _timed_row(text: str | None, golds: list[str], timeout_s: float) -> tuple:
-    global _armed
-    t0 = time.perf_counter()
-    err = None
-    signal.setitimer(signal.ITIMER_REAL, timeout_s)
-    _armed = True
-    try:
-        extracted, correct, status = check_math_row(text, golds)
-        _armed = False
-    except _RowTimeout:
-        extracted, correct, status = None, False, "timeout"
-    except Exception as e:  # RecursionError / MemoryError from a pathological expression included
-        _armed = False
-        extracted, correct, status, err = None, False, "error", f"{type(e).__name__}: {e}"[:500]
-    finally:
-        _armed = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-    return extracted, correct, status, (time.perf_counter() - t0) * 1e3, err
-
-
-def _limit_memory(extra_mb: int) -> None:
-    """RLIMIT_AS = what the worker maps after its imports + extra_mb, so a runaway power tower fails with
-    MemoryError instead of taking the machine."""
-    with contextlib.suppress(OSError, ValueError):
-        vm_kb = next(
-            int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:")
-        )
-        limit = vm_kb * 1024 + extra_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
-
-
-def _math_worker(conn: Connection, memory_mb: int) -> None:
-    """Worker loop: receive (timeout_s, [(row, text, golds)]), send one result per row, in order."""
-    import logging
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    # math-verify warns that its timeout is off (ours is on) and logs every failed parse
+def _warmup() -> None:
+    """Worker start: quiet math-verify (it warns that its timeout is off: ours is on, and logs every failed
+    parse), then import and warm up sympy / latex2sympy before the first row."""
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
-    _parse("$1$")  # import and warm up sympy / latex2sympy before saying ready
-    _limit_memory(memory_mb)
-    signal.signal(signal.SIGALRM, _on_alarm)
-    conn.send(("ready",))
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        timeout_s, rows = msg
-        for row, text, golds in rows:
-            try:
-                result = _timed_row(text, golds, timeout_s)
-            except _RowTimeout:  # the alarm hit between the row's end and its cancellation
-                result = (None, False, "timeout", timeout_s * 1e3, None)
-            conn.send((row, *result))
+    _parse("$1$")
 
 
-# ================================================================ math: the parent's pool
-@dataclass
-class _Worker:
-    proc: Any
-    conn: Connection
-    ready: bool = False
-    rows: deque[int] = field(default_factory=deque)  # in flight, in the order the worker runs them
-    since: float = 0.0  # when the current row started (the previous result arrived, or the batch was sent)
+class MathPool(DeadlinePool):
+    """Workers running `check_math_row` with a hard per-row deadline (variational/procpool.py); share one
+    across calls and shards: `with MathPool(4) as pool: check_answers(df, pool=pool)`."""
 
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-class MathPool:
-    """Spawned math-verify workers with a hard per-row deadline; reuse one pool across calls and shards.
-
-    `with MathPool(4) as pool: check_answers(df, pool=pool)`. Workers start lazily on the first `run`.
-    A row that outlives timeout_s + HARD_GRACE_S gets status timeout; its worker is killed and replaced."""
-
-    def __init__(self, workers: int = 0, memory_mb: int = 4096, batch_size: int = 32):
-        self.size = workers or _cpu_count()
-        self.memory_mb, self.batch_size = memory_mb, batch_size
-        self._ctx = mp.get_context("spawn")  # fork is unsafe with polars / Prefect threads in the parent
-        self._workers: list[_Worker] = []
-
-    def __enter__(self) -> MathPool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _spawn(self) -> _Worker:
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_math_worker, args=(child, self.memory_mb), daemon=True)
-        proc.start()
-        child.close()
-        return _Worker(proc, parent)
-
-    def _kill(self, w: _Worker) -> None:
-        with contextlib.suppress(Exception):
-            w.proc.kill()
-        w.proc.join(timeout=5)
-        w.conn.close()
-
-    def _replace(self, w: _Worker) -> None:
-        self._kill(w)
-        self._workers[self._workers.index(w)] = self._spawn()
-
-    def close(self) -> None:
-        for w in self._workers:
-            with contextlib.suppress(Exception):
-                w.conn.send(None)
-        for w in self._workers:
-            w.proc.join(timeout=1)
-            self._kill(w)
-        self._workers = []
-
-    def run(
-        self, items: list[tuple[str | None, list[str]]], timeout_s: float, desc: str = "verify math"
-    ) -> list[tuple]:
-        """(text, golds) per row -> (extracted, correct, status, elapsed_ms, error) per row, same order."""
-        n = len(items)
-        results: list[tuple | None] = [None] * n
-        if n == 0:
-            return []
-        while len(self._workers) < min(self.size, n):
-            self._workers.append(self._spawn())
-        queue = deque(range(n))
-        # small batches near the end keep all workers busy; large ones amortise the pipe round trips
-        batch = max(1, min(self.batch_size, n // (4 * len(self._workers))))
-        hard = timeout_s + HARD_GRACE_S
-        done, started = 0, time.monotonic()
-        bar = tqdm(total=n, desc=desc, unit="row", disable=n < 1000)
-        while done < n:
-            for w in self._workers:
-                if w.ready and not w.rows and queue:
-                    rows = [queue.popleft() for _ in range(min(batch, len(queue)))]
-                    try:
-                        w.conn.send((timeout_s, [(i, *items[i]) for i in rows]))
-                    except OSError:  # died while idle: replace it, nothing of ours was lost
-                        queue.extendleft(reversed(rows))
-                        self._replace(w)
-                        continue
-                    w.rows, w.since = deque(rows), time.monotonic()
-            busy = [w for w in self._workers if w.rows or not w.ready]
-            now = time.monotonic()
-            deadlines = [w.since + hard for w in busy if w.rows]
-            wait_s = max(0.0, min(deadlines) - now) if deadlines else 1.0
-            for conn in wait([w.conn for w in busy], timeout=wait_s):
-                w = next(w for w in self._workers if w.conn is conn)
-                try:
-                    while conn.poll():
-                        msg = conn.recv()
-                        if msg[0] == "ready":
-                            w.ready = True
-                            continue
-                        row = w.rows.popleft()
-                        assert msg[0] == row, f"worker answered row {msg[0]}, expected {row}"
-                        results[row], w.since = msg[1:], time.monotonic()
-                        done += 1
-                        bar.update()
-                except (EOFError, OSError):  # crashed (segfault, OOM kill): its current row is an error
-                    code = w.proc.exitcode
-                    done += self._fail(w, results, queue, "error", f"worker died (exit code {code})")
-                    if not w.ready and time.monotonic() - started > 120:
-                        raise RuntimeError("math-verify workers fail to start; run `import math_verify`")
-            now = time.monotonic()
-            for w in list(self._workers):
-                if w.rows and now > w.since + hard:
-                    done += self._fail(w, results, queue, "timeout", None, (now - w.since) * 1e3)
-        bar.close()
-        self._log_errors(items, results)
-        return results  # type: ignore[return-value]
-
-    def _fail(
-        self,
-        w: _Worker,
-        results: list,
-        queue: deque[int],
-        status: str,
-        err: str | None,
-        ms: float = 0.0,
-    ) -> int:
-        """Kill/replace `w`; its current row gets `status`, the rest of its batch goes back to the queue."""
-        n = 0
-        if w.rows:
-            results[w.rows.popleft()] = (None, False, status, ms, err)
-            n = 1
-        queue.extendleft(reversed(w.rows))
-        self._replace(w)
-        return n
-
-    @staticmethod
-    def _log_errors(items: list, results: list) -> None:
-        errors = [(i, r[4]) for i, r in enumerate(results) if r[2] == "error"]
-        for i, err in errors[:5]:
-            text = (items[i][0] or "")[:80]
-            logger().warning("check_answers: row %d (text %r...) failed: %s", i, text, err)
-        if len(errors) > 5:
-            logger().warning("check_answers: %d more rows failed", len(errors) - 5)
+    def __init__(self, workers: int = 0, memory_mb: int = 4096):
+        preload = ["math_verify", "latex2sympy2_extended.latex2sympy2"]
+        super().__init__(check_math_row, workers, warmup=_warmup, preload=preload, memory_mb=memory_mb)
 
 
 def _as_list(g: Any) -> list[str]:
@@ -403,10 +196,257 @@ def check_answers(
     _require(df, ("text", "gold"), "check_answers")
     items = [(t, _as_list(g)) for t, g in zip(df["text"].to_list(), df["gold"].to_list(), strict=True)]
     own = pool is None
-    pool = pool or MathPool(min(workers or _cpu_count(), max(1, len(items))))
+    pool = pool or MathPool(min(workers or cpu_count(), max(1, len(items))))
     try:
-        rows = pool.run(items, timeout_s)
+        outcomes = pool.run(items, timeout_s, desc="verify math")
     finally:
         if own:
             pool.close()
-    return _with_verdicts(df, rows, MATH_VERIFIER)
+    _log_errors(items, outcomes)
+    return _with_verdicts(df, [_math_verdict(o) for o in outcomes], MATH_VERIFIER)
+
+
+def _math_verdict(o: Outcome) -> tuple:
+    if o.status == "ok":
+        return (*o.value, o.elapsed_ms)
+    return None, False, o.status, o.elapsed_ms  # timeout / error
+
+
+def _log_errors(items: list[tuple], outcomes: list[Outcome]) -> None:
+    errors = [(i, o.error) for i, o in enumerate(outcomes) if o.status == "error"]
+    for i, err in errors[:5]:
+        logger().warning("check_answers: row %d (text %r) failed: %s", i, (items[i][0] or "")[:80], err)
+    if len(errors) > 5:
+        logger().warning("check_answers: %d more rows failed", len(errors) - 5)
+
+
+# ================================================================ code: stdin/stdout tests in a sandbox
+def check_code_row(text: str | None, tests: list[dict] | None, timeout_s: float, memory_mb: int) -> tuple:
+    """(extracted code, correct, status, elapsed_ms) of one row; stops at the first failing test."""
+    t0 = time.perf_counter()
+    code = last_code_block(text)
+    tests = [t for t in (tests or []) if t is not None]
+    if not tests:
+        status = "gold_unparsable"  # nothing to check against: skip it like an unparsable gold
+    elif code is None:
+        status = "no_answer"
+    else:
+        try:
+            status = run_tests(code, tests, timeout_s, memory_mb)
+        except Exception as e:  # the sandbox itself failed (no temp dir, no python): say so, go on
+            logger().warning("check_code: running %r... failed: %s", (code or "")[:80], e)
+            status = "error"
+    return code, status == "ok", status, (time.perf_counter() - t0) * 1e3
+
+
+def check_code(
+    df: pl.DataFrame, timeout_s: float = 10.0, memory_mb: int = 1024, workers: int = 0
+) -> pl.DataFrame:
+    """df[text, tests (list of {input, output})] -> df + extracted (the code), correct (all tests pass),
+    status, verifier, elapsed_ms. Rows run in parallel threads, each test in its own sandboxed process."""
+    _require(df, ("text", "tests"), "check_code")
+    rows = list(zip(df["text"].to_list(), df["tests"].to_list(), strict=True))
+    n_threads = max(1, min(workers or cpu_count(), len(rows)))
+    with ThreadPoolExecutor(n_threads) as ex:
+        it = ex.map(lambda r: check_code_row(r[0], r[1], timeout_s, memory_mb), rows)
+        results = list(tqdm(it, total=len(rows), desc="verify code", unit="row", disable=len(rows) < 200))
+    return _with_verdicts(df, results, CODE_VERIFIER)
+
+
+# ================================================================ the stage
+_ROW = "__verify_row"
+
+
+def verify(
+    rollouts: pl.DataFrame, problems: pl.DataFrame, cfg: VerifyConfig, *, pool: MathPool | None = None
+) -> pl.DataFrame:
+    """rollouts[prompt_idx, (sample_idx, rollout_idx, round,) text] + problems[prompt_idx, kind, gold, tests]
+    -> verdicts: the rollout keys + extracted, correct, status, verifier, elapsed_ms, in rollout order.
+    kind "code" rows run their tests; every other row goes to math-verify against `gold`."""
+    _require(rollouts, ("prompt_idx", "text"), "verify: rollouts")
+    _require(problems, ("prompt_idx", "gold"), "verify: problems")
+    keys = [k for k in KEYS if k in rollouts.columns]
+    probs = problems.select(
+        "prompt_idx",
+        pl.col("kind") if "kind" in problems.columns else pl.lit("math").alias("kind"),
+        "gold",
+        pl.col("tests") if "tests" in problems.columns else pl.lit(None).alias("tests"),
+        pl.lit(True).alias("__found"),
+    )
+    joined = rollouts.select(*keys, "text").with_row_index(_ROW).join(probs, on="prompt_idx", how="left")
+    if (lost := joined.filter(pl.col("__found").is_null())).height:
+        ids = lost["prompt_idx"].unique().sort().to_list()
+        raise ValueError(f"verify: rollouts of prompt_idx {ids[:10]} have no problem row; rerun ingest")
+    is_code = pl.col("kind") == "code"
+    math_rows, code_rows = joined.filter(~is_code), joined.filter(is_code)
+    parts = []
+    if math_rows.height:
+        parts.append(
+            check_answers(math_rows.select(_ROW, "text", "gold"), cfg.timeout_s, cfg.workers, pool=pool)
+        )
+    if code_rows.height:
+        parts.append(
+            check_code(
+                code_rows.select(_ROW, "text", "tests"), cfg.code_timeout_s, cfg.code_memory_mb, cfg.workers
+            )
+        )
+    verdicts = (
+        pl.concat([p.select(_ROW, *VERDICT_SCHEMA) for p in parts])
+        if parts
+        else pl.DataFrame(schema={_ROW: pl.UInt32, **VERDICT_SCHEMA})
+    )
+    return joined.select(_ROW, *keys).join(verdicts, on=_ROW, how="left").sort(_ROW).drop(_ROW)
+
+
+def verdict_summary(verdicts: pl.DataFrame) -> str:
+    """Markdown: accuracy and rows per status (the artifact of the task)."""
+    n = verdicts.height
+    scored = verdicts.filter(pl.col("status") != "gold_unparsable")
+    acc = scored["correct"].mean() if scored.height else float("nan")
+    counts = dict(verdicts.group_by("status").len().iter_rows())
+    lines = [
+        f"accuracy **{acc:.3f}** over {scored.height} scored rows ({n} in all)\n",
+        "| status | rows | share |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {s} | {counts.get(s, 0)} | {counts.get(s, 0) / max(n, 1):.3f} |" for s in STATUSES]
+    return "\n".join(lines) + "\n"
+
+
+def _fingerprint(
+    stage: str, cfg: dict, upstream: dict[str, dict], inputs: tuple[str, str], round_: int
+) -> str:
+    conf = RunConfig.model_validate(cfg).verify
+    return fingerprint(
+        stage,
+        code=code_version(sys.modules[__name__], templates),
+        # workers changes speed, not verdicts
+        config=conf.model_dump(include={"timeout_s", "code_timeout_s", "code_memory_mb", "shard_size"}),
+        upstream={name: upstream[name]["fingerprint"] for name in inputs},
+        round=round_,
+    )
+
+
+def fingerprint_of(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> str:
+    return _fingerprint(STAGE, cfg, upstream, ("rollouts", "problems"), round_)
+
+
+def _run_stage(
+    stage: str, cfg: dict, fp: str, items: pl.DataFrame, problems: pl.DataFrame, round_: int
+) -> dict:
+    conf = RunConfig.model_validate(cfg).verify
+    store = open_store(cfg, stage, fp)
+    if store.is_complete():
+        return reuse_stage(store, round_)
+    with MathPool(conf.workers) as pool:  # one pool for all shards; workers start on the first math row
+        run_shards(store, items, conf.shard_size, lambda part: verify(part, problems, conf, pool=pool))
+    return finish_stage(store, round_, rows_in=items.height, summary=verdict_summary(store.read()))
+
+
+@stage_task(STAGE, fingerprint_of)
+def verify_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict:
+    """rollouts + problems -> verdicts, sharded over the rollouts (resumable)."""
+    fp = fingerprint_of(cfg, upstream, round_)
+    store = open_store(cfg, STAGE, fp)
+    if store.is_complete():
+        return reuse_stage(store, round_)
+    rollouts, problems = read_stage(upstream["rollouts"]), read_stage(upstream["problems"])
+    return _run_stage(STAGE, cfg, fp, rollouts, problems, round_)
+
+
+PRIOR_STAGE = "verify_prior"
+
+
+def prior_fingerprint_of(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> str:
+    return _fingerprint(PRIOR_STAGE, cfg, upstream, ("prior_samples", "problems"), round_)
+
+
+@stage_task(PRIOR_STAGE, prior_fingerprint_of)
+def verify_prior_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict:
+    """prior_samples (full pi_theta completions in `text` or `response`) + problems -> their verdicts, the
+    accuracies w_m of Eq.9 (method.md §1, forward-KL posterior update)."""
+    fp = prior_fingerprint_of(cfg, upstream, round_)
+    store = open_store(cfg, PRIOR_STAGE, fp)
+    if store.is_complete():
+        return reuse_stage(store, round_)
+    samples = read_stage(upstream["prior_samples"])
+    if "text" not in samples.columns and "response" in samples.columns:
+        samples = samples.rename({"response": "text"})
+    return _run_stage(PRIOR_STAGE, cfg, fp, samples, read_stage(upstream["problems"]), round_)
+
+
+# ================================================================ verifier report (labelled pairs)
+PAIR_FILES = {
+    "math_verify": "verify_pairs_math_verify_tests.jsonl",
+    "hendrycks_is_equiv": "verify_pairs_hendrycks_is_equiv_tests.jsonl",
+}
+
+
+def load_pairs(path: Path) -> pl.DataFrame:
+    """A verify_pairs_*.jsonl file -> id, text (the prediction), gold (list of one), label, verifier_config."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return pl.DataFrame(
+        {
+            "id": [r["id"] for r in rows],
+            "text": [r["prediction"] for r in rows],
+            "gold": [[r["gold"]] for r in rows],
+            "label": [bool(r["label"]) for r in rows],
+            "verifier_config": [json.dumps(r.get("verifier_config") or {}, sort_keys=True) for r in rows],
+        },
+        schema_overrides={"gold": pl.List(pl.String)},
+    )
+
+
+def verifier_report(
+    data_dir: Path, timeout_s: float = 5.0, *, pool: MathPool | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """check_answers on the labelled pairs -> (agreement per file, the disagreeing rows).
+
+    The math_verify pairs carry the per-row `verifier_config` their unit test used (match types, float
+    precision, strict, set-relation comparison); we run ONE config for all rows, so those rows can differ."""
+    paths = {name: Path(data_dir) / f for name, f in PAIR_FILES.items()}
+    if missing := [str(p) for p in paths.values() if not p.exists()]:
+        raise FileNotFoundError(f"verifier_report: {missing} not found; pass --data-dir (shared/data)")
+    frames = [load_pairs(p).with_columns(pl.lit(name).alias("file")) for name, p in paths.items()]
+    pairs = pl.concat(frames)
+    t0 = time.perf_counter()
+    checked = check_answers(pairs, timeout_s, pool=pool)
+    wall = time.perf_counter() - t0
+    checked = checked.with_columns((pl.col("correct") == pl.col("label")).alias("agree"))
+    agreement = (
+        checked.group_by("file", maintain_order=True)
+        .agg(
+            pl.len().alias("pairs"),
+            pl.col("agree").sum().alias("agree"),
+            pl.col("agree").mean().alias("agreement"),
+            (pl.col("correct") & ~pl.col("label")).sum().alias("false_accept"),
+            (~pl.col("correct") & pl.col("label")).sum().alias("false_reject"),
+            pl.col("status").is_in(["timeout", "error"]).sum().alias("timeout_or_error"),
+        )
+        .with_columns(pl.lit(round(wall, 2)).alias("wall_s"))  # all files together, worker start included
+    )
+    disagreements = checked.filter(~pl.col("agree")).select(
+        "file", "id", "label", "correct", "status", "extracted", "gold", "text", "verifier_config"
+    )
+    return agreement, disagreements
+
+
+def format_verifier_report(agreement: pl.DataFrame, disagreements: pl.DataFrame) -> str:
+    """The two frames as plain text for the CLI."""
+    lines = ["agreement with the labelled pairs (one math-verify config for all rows):"]
+    for r in agreement.iter_rows(named=True):
+        lines.append(
+            f"  {r['file']:<20} {r['agree']:>4}/{r['pairs']:<4} = {r['agreement']:.3f}   "
+            f"false accept {r['false_accept']}, false reject {r['false_reject']}, "
+            f"timeout/error {r['timeout_or_error']}"
+        )
+    if agreement.height:
+        lines.append(f"  ({agreement['wall_s'][0]} s in all, worker start included)")
+    lines.append(f"\n{disagreements.height} disagreements:")
+    for r in disagreements.iter_rows(named=True):
+        text = r["text"] if len(r["text"]) <= 80 else "..." + r["text"][-77:]
+        lines.append(
+            f"  [{r['file']}] {r['id']}: label={r['label']} ours={r['correct']} ({r['status']}) "
+            f"gold={r['gold'][0]!r} pred={text!r} extracted={r['extracted']!r} config={r['verifier_config']}"
+        )
+    return "\n".join(lines)

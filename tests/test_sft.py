@@ -115,10 +115,11 @@ def test_packed_equals_alone_and_padded(tok_model) -> None:
     assert loss_padded == pytest.approx(loss_alone, rel=1e-5)
     assert_grads_close(g_packed, g_alone)
     assert_grads_close(g_padded, g_alone)
-    # the mask matters: the same row read as ONE sequence (no restart) gives another loss
+    # the check can fail: the same row read as ONE sequence (no restart) gives another loss (the random
+    # model is near-uniform, so the gap is small, but far above float error)
     b = sft.collate(exs)
     b["position_ids"] = torch.arange(b["input_ids"].shape[1])[None]
-    assert sft.micro_batch_loss(model, b)[0].item() != pytest.approx(loss_alone, rel=1e-3)
+    assert abs(sft.micro_batch_loss(model, b)[0].item() - loss_alone) > 1e-2
 
 
 def test_zero_weight_contributes_no_gradient(tok_model) -> None:
@@ -165,6 +166,18 @@ def test_plan_steps_schedule_and_packing() -> None:
     assert [len(m) for m in sft.shard_step(exs, 10, 4, 3, packed=True)] == [0]  # empty pad micro-batch
 
 
+def literal_rows(n: int) -> pl.DataFrame:
+    rows = [
+        (
+            f"<|im_start|>user\nWhat is {i} + {i}?<|im_end|>\n<|im_start|>assistant\n",
+            f"{i} + {i} = {2 * i}.",
+            1.0,
+        )
+        for i in range(n)
+    ]
+    return frame(rows)
+
+
 def small_rows(n: int = 16) -> pl.DataFrame:
     path = REPO / "variational" / "data" / "mini_stratos.jsonl"
     from tasks.ingest import ingest
@@ -175,23 +188,32 @@ def small_rows(n: int = 16) -> pl.DataFrame:
     return pi_theta0_examples(problems.head(n))
 
 
-def test_loss_falls_and_folder_loads(tiny_model_dir: Path, tmp_path: Path) -> None:
+def mean_loss(model_dir: Path, df: pl.DataFrame) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    exs = sft.tokenize_examples(AutoTokenizer.from_pretrained(model_dir), df, TrainConfig(max_length=512))
+    with torch.no_grad():
+        wsum, n = sft.micro_batch_loss(model, sft.collate(exs))
+    return wsum.item() / n
+
+
+def test_loss_falls_and_folder_loads(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    df = small_rows(8)
     cfg = TrainConfig(
-        learning_rate=3e-3, epochs=4, batch_size=8, micro_batch_tokens=2048, max_length=512, warmup_ratio=0.1
+        learning_rate=1e-2, epochs=4, batch_size=4, micro_batch_tokens=2048, max_length=512, warmup_ratio=0.1
     )
-    m = sft.train(tiny_model_dir, small_rows(), cfg, tmp_path / "out", progress=False)
-    curve = m["loss_curve"]
-    assert m["steps"] == 8 and len(curve) == 8
-    assert sum(curve[-2:]) / 2 < 0.8 * sum(curve[:2]) / 2, curve
+    m = sft.train(tiny_model_dir, df, cfg, tmp_path / "out", progress=False)
+    assert m["steps"] == 8 and len(m["loss_curve"]) == 8
     assert m["padding_fraction"] == 0.0 and m["tokens"] > 0
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert model.config.num_hidden_layers == 2
+    before, after = mean_loss(tiny_model_dir, df), mean_loss(tmp_path / "out", df)  # loads the saved folder
+    assert after < 0.75 * before, (before, after, m["loss_curve"])
     assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template
     assert not (tmp_path / "out" / sft.CHECKPOINTS).exists()
     # a second call finds the finished folder and trains nothing
-    assert sft.train(tiny_model_dir, small_rows(), cfg, tmp_path / "out", progress=False) == json.loads(
+    assert sft.train(tiny_model_dir, df, cfg, tmp_path / "out", progress=False) == json.loads(
         (tmp_path / "out" / sft.METRICS).read_text()
     )
 
@@ -199,9 +221,9 @@ def test_loss_falls_and_folder_loads(tiny_model_dir: Path, tmp_path: Path) -> No
 def test_resume_after_crash_equals_uninterrupted(tiny_model_dir: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    df = small_rows(12)
+    df = literal_rows(12)
     cfg = TrainConfig(
-        learning_rate=1e-3, epochs=2, batch_size=4, micro_batch_tokens=1024, max_length=384, save_steps=2
+        learning_rate=1e-3, epochs=2, batch_size=4, micro_batch_tokens=64, max_length=48, save_steps=2
     )
     full = sft.train(tiny_model_dir, df, cfg, tmp_path / "full", progress=False)
     crashed = sft.train(tiny_model_dir, df, cfg, tmp_path / "resumed", progress=False, stop_after=5)
@@ -219,11 +241,11 @@ def test_resume_after_crash_equals_uninterrupted(tiny_model_dir: Path, tmp_path:
 
 
 def test_cli(tiny_model_dir: Path, tmp_path: Path) -> None:
-    small_rows(4).write_parquet(tmp_path / "train.parquet")
+    literal_rows(4).write_parquet(tmp_path / "train.parquet")
     sft.main(
         [
             "--model", str(tiny_model_dir), "--data", str(tmp_path / "train.parquet"), "--out", str(tmp_path / "m"),
-            "--set", "epochs=1", "--set", "batch_size=2", "--set", "max_length=256",
+            "--set", "epochs=1", "--set", "batch_size=2", "--set", "max_length=64",
         ]
     )  # fmt: skip
     assert json.loads((tmp_path / "m" / sft.METRICS).read_text())["steps"] == 2

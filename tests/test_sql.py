@@ -90,7 +90,7 @@ def full_run(root: Path, tmp_path: Path) -> Path:
 
 
 def test_problems_view_counts_the_ingested_rows(root: Path) -> None:
-    manifest = run_stages(root, RUN)["problems"]["1"]
+    manifest = run_stages(root, RUN)["ingest"]["1"]
     df = sqlview.run_sql(root, RUN, "SELECT count(*) AS n, count(DISTINCT prompt_idx) AS k FROM problems")
     assert df.row(0) == (manifest["rows"], manifest["rows"]) and manifest["rows"] >= 64  # no reject rows
     by_source = sqlview.run_sql(
@@ -102,7 +102,7 @@ def test_problems_view_counts_the_ingested_rows(root: Path) -> None:
 def test_saved_queries_that_need_absent_tables_fail_clearly_and_the_rest_run(root: Path) -> None:
     rows = sqlview.run_sql(root, RUN, "per_stage_rows")
     assert rows.select("stage", "table_name", "status", "manifest_rows", "parquet_rows").row(0) == (
-        "problems",
+        "ingest",
         "problems",
         "complete",
         66,
@@ -170,9 +170,9 @@ def test_list_runs_reports_status_and_rows(full_run: Path) -> None:
     [(run, stages)] = sqlview.list_runs(full_run)
     status = {(s["stage"], s["status"]) for s in stages}
     assert run == RUN
-    assert {("problems", "complete"), ("verdicts", "complete"), ("logps", "incomplete (0 shards)")} <= status
+    assert {("ingest", "complete"), ("verdicts", "complete"), ("logps", "incomplete (0 shards)")} <= status
     text = sqlview.format_runs([(run, stages)])
-    assert "problems" in text and "66 rows" in text
+    assert "ingest" in text and "66 rows" in text
 
 
 def test_resolve_query_and_saved_queries(tmp_path: Path) -> None:

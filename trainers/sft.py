@@ -157,7 +157,9 @@ def collate(examples: list[Example], packed: bool = True, pad_id: int = 0) -> di
                 labels[r, lo : lo + e.n_response] = torch.tensor(e.ids[e.n_prompt :])
                 weights[r, lo : lo + e.n_response] = torch.tensor(e.weights)
             at += n
-    batch = {"input_ids": ids, "position_ids": pos, "labels": labels, "loss_weights": weights}
+    # only positions that predict a response token go through the lm-head (prompts are often most tokens)
+    keep = (labels != IGNORE).any(0).nonzero().flatten()
+    batch = {"input_ids": ids, "position_ids": pos, "labels": labels, "loss_weights": weights, "keep": keep}
     if not packed:
         batch["attention_mask"] = mask
     return batch

@@ -83,13 +83,10 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from variational.sqlview import list_runs
+    from variational.sqlview import format_runs, list_runs
 
     runs = list_runs(args.data_root)
-    if not runs:
-        print(f"no runs under {args.data_root}")
-    for line in runs:
-        print(line)
+    print(format_runs(runs) if runs else f"no runs under {args.data_root}")
     return 0
 
 

@@ -89,7 +89,11 @@ def _missing(table: str, why: str = "the stage did not run or is disabled") -> s
 def section_weights(t: dict[str, pl.DataFrame], out: Path) -> str:
     if "weights" not in t:
         return _missing("weights")
-    w = t["weights"].filter(pl.col("eligible") & pl.col("rho_tilde").is_not_null())
+    w = (
+        t["weights"]
+        .filter(pl.col("eligible") & pl.col("rho_tilde").is_not_null())
+        .cast({"rho_tilde": pl.Float64})
+    )
     per_q = w.group_by("estimator", "prompt_idx").agg(
         ess=1.0 / (pl.col("rho_tilde") ** 2).sum(), max_rho=pl.col("rho_tilde").max(), n=pl.len()
     )
@@ -143,7 +147,11 @@ def section_accuracy(t: dict[str, pl.DataFrame], out: Path) -> str:
         return _missing("verdicts")
     v = t["verdicts"]
     if "problems" in t:
-        v = v.join(t["problems"].select("prompt_idx", source_group()), on="prompt_idx", how="left")
+        v = v.join(
+            t["problems"].select("prompt_idx", source_group()), on="prompt_idx", how="left"
+        ).with_columns(
+            pl.col("source").fill_null("unknown")  # a verdict of a prompt not in `problems`
+        )
     else:
         v = v.with_columns(source=pl.lit("unknown"))
     per_trace = v.group_by("source", "prompt_idx", "sample_idx").agg(
@@ -252,7 +260,12 @@ def section_leakage(t: dict[str, pl.DataFrame], out: Path) -> str:
     if "posterior_samples" not in t or "problems" not in t:
         return _missing("posterior_samples" if "problems" in t else "problems")
     probs = t["problems"].select("prompt_idx", source_group(), "gold", "think_ref")
-    samples = t["posterior_samples"].select("prompt_idx", "think").join(probs, on="prompt_idx", how="left")
+    samples = (
+        t["posterior_samples"]
+        .select("prompt_idx", "think")
+        .join(probs, on="prompt_idx", how="left")
+        .with_columns(pl.col("source").fill_null("unknown"))
+    )
     q = leak_flags(
         samples.with_columns(pl.col("gold").fill_null(pl.lit([], dtype=pl.List(pl.String)))), "think"
     ).with_columns(who=pl.lit("q_φ samples"))
@@ -320,6 +333,8 @@ def section_eval(t: dict[str, pl.DataFrame], out: Path) -> str:
     from tasks.evaluate import MODELS, summarize, summary_markdown
 
     summary = summarize(t["eval"])
+    if summary.is_empty():
+        return "_The `eval` table is empty._\n"
     models = [m for m in MODELS if m in summary["model"].to_list()] + sorted(
         set(summary["model"].to_list()) - set(MODELS)
     )
@@ -371,20 +386,29 @@ def write_report(data_root: str | Path, run: str, out_dir: str | Path | None = N
     return path
 
 
-def publish_report(path: str | Path) -> str | None:
-    """Publish report.md as a Prefect markdown artifact; images become their file paths (Prefect cannot
-    render local files). Returns the artifact id, or None outside a Prefect run/server."""
-    from prefect.artifacts import create_markdown_artifact
-
-    path = Path(path)
+def artifact_markdown(path: str | Path) -> tuple[str, str]:
+    """report.md -> (artifact key, markdown for Prefect): tables inline, each image replaced by its file path
+    (Prefect cannot render local files) and a note naming the image folder."""
+    path = Path(path).resolve()
+    md = path.read_text()
     text = re.sub(
-        r"!\[([^\]]*)\]\(([^)]+)\)",
-        lambda m: f"_plot `{m.group(1)}`: `{path.parent / m.group(2)}`_",
-        path.read_text(),
+        r"!\[([^\]]*)\]\(([^)]+)\)", lambda m: f"_plot `{m.group(1)}`: `{path.parent / m.group(2)}`_", md
     )
     text = f"> Plots are PNG files in `{path.parent}` (not rendered here).\n\n{text}"
-    run = path.parent.parent.name
-    key = re.sub(r"[^a-z0-9-]+", "-", f"report-{run}".lower()).strip("-")
-    with contextlib.suppress(Exception):  # no Prefect API reachable: the file on disk is the report
-        return str(create_markdown_artifact(key=key, markdown=text, description=f"run report of {run}"))
+    header = re.match(r"# Run report: (.+)", md)
+    run = header.group(1).strip() if header else path.parent.parent.name
+    return re.sub(r"[^a-z0-9-]+", "-", f"report-{run}".lower()).strip("-"), text
+
+
+def publish_report(path: str | Path) -> str | None:
+    """Publish report.md as a Prefect markdown artifact; returns its id, or None outside a flow/task run
+    (there, publishing would start a throwaway local Prefect server; the file on disk is the report)."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return None
+    key, text = artifact_markdown(path)
+    with contextlib.suppress(Exception):  # no Prefect API reachable
+        return str(create_markdown_artifact(key=key, markdown=text, description="run report"))
     return None

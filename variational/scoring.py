@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.integrations.sdpa_attention import repeat_kv, use_gqa_in_sdpa
 
 from variational import templates
 
@@ -42,6 +43,10 @@ def _varlen_sdpa(
 ) -> tuple[torch.Tensor, None]:
     """Causal attention per packed row: q/k/v are (1, heads, T, d); rows are given by `cu_seq_lens_q`
     (CPU tensor, [0, l0, l0+l1, ..., T]) or else found where position_ids restart. Returns (1, T, heads, d)."""
+    if kwargs.get("sliding_window"):
+        raise ValueError(
+            f"{VARLEN} does not implement sliding-window attention; use attn_implementation='sdpa'"
+        )
     if query.shape[0] != 1:
         raise ValueError(f"{VARLEN} expects one packed sequence per batch, got batch size {query.shape[0]}")
     cu = kwargs.get("cu_seq_lens_q")
@@ -52,11 +57,20 @@ def _varlen_sdpa(
     else:
         bounds = cu.tolist() if isinstance(cu, torch.Tensor) else list(cu)
     gqa = key.shape[1] != query.shape[1]
+    if gqa and not use_gqa_in_sdpa(None, key, value):  # transformers' per-platform rule for GQA kernels
+        key = repeat_kv(key, query.shape[1] // key.shape[1])
+        value = repeat_kv(value, query.shape[1] // value.shape[1])
+        gqa = False
     out = torch.empty_like(query)
     for s, e in zip(bounds[:-1], bounds[1:], strict=True):
         if e > s:
             out[:, :, s:e] = torch.nn.functional.scaled_dot_product_attention(
-                query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling, enable_gqa=gqa
+                query[:, :, s:e],
+                key[:, :, s:e],
+                value[:, :, s:e],
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=gqa,
             )
     return out.transpose(1, 2).contiguous(), None
 

@@ -28,6 +28,8 @@ TABLE_OF = {
     "verify": "verdicts",
     "select": "train",
     "evaluate": "eval",
+    "sample_prior": "prior_samples",  # forward_kl rounds (Eq.9)
+    "verify_prior": "prior_verdicts",
 }
 META_VIEW = "run_stages"
 
@@ -113,8 +115,8 @@ def saved_queries() -> dict[str, str]:
     """name -> first comment line (what it answers) of every sql/*.sql."""
     out = {}
     for path in sorted(SQL_DIR.glob("*.sql")):
-        first = path.read_text().lstrip().splitlines()[0] if path.read_text().strip() else ""
-        out[path.stem] = first.removeprefix("--").strip()
+        lines = path.read_text().strip().splitlines()
+        out[path.stem] = lines[0].removeprefix("--").strip() if lines else ""
     return out
 
 
@@ -123,7 +125,7 @@ def resolve_query(query: str) -> str:
     stripped = query.strip()
     if stripped.endswith(".sql") and Path(stripped).is_file():
         return Path(stripped).read_text()
-    saved = SQL_DIR / f"{stripped.removesuffix('.sql')}.sql"
+    saved = SQL_DIR / f"{Path(stripped).stem}.sql"  # `sql/x.sql` from any working directory
     if "\n" not in stripped and " " not in stripped and saved.is_file():
         return saved.read_text()
     if stripped.endswith(".sql") and " " not in stripped:

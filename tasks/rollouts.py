@@ -1,0 +1,183 @@
+"""Stage `answer_rollouts`: M answer continuations of π_θ0 per posterior trace (design.md stage 6).
+
+In:  problems (prompt_idx, question), posterior_samples (prompt_idx, sample_idx, round, think, format_ok) and
+     the pi_theta0 model manifest ("model_dir", "fingerprint").
+Out: table `rollouts`, one row per (prompt_idx, sample_idx, rollout_idx): round, seed, text (what π_θ0 wrote
+     after prompt + think + `<|end_of`; `_thought|>...<|end_of_solution|>` when well formed, the stop string
+     kept), n_tokens, finish_reason.
+
+Only traces with format_ok get rollouts: a trace that never closed its thought has no answer position, and
+the weights stage gives it accuracy null (the summary counts them). The prompt is templates.rollout_prompt
+(π_θ prompt + think + `<|end_of`); n = M per trace, one seed per trace (method.md §8.6), prefix caching on:
+the K traces of a question share the π_θ prompt and the M samples of a trace share all of it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import polars as pl
+
+from tasks import sample_posterior as posterior
+from variational import sampling, templates
+from variational.config import RunConfig, SamplingConfig
+from variational.sampling import Completion, request_seed
+from variational.stage import finish_stage, logger, open_store, reuse_stage, run_shards, stage_task
+from variational.store import code_version, fingerprint, read_stage
+
+STAGE = "answer_rollouts"
+TABLE = "rollouts"
+WELL_FORMED = templates.END_THOUGHT.removeprefix(templates.END_OF)  # "_thought|>": how an answer starts
+REQUEST_SCHEMA = {"prompt_idx": pl.Int64, "sample_idx": pl.Int64, "round": pl.Int64, "prompt": pl.String}
+ROLLOUTS_SCHEMA = {
+    "prompt_idx": pl.Int64,
+    "sample_idx": pl.Int64,
+    "rollout_idx": pl.Int64,
+    "round": pl.Int64,
+    "seed": pl.Int64,
+    "text": pl.String,
+    "n_tokens": pl.Int64,
+    "finish_reason": pl.String,
+}
+
+# ---------------------------------------------------------------- pure core
+
+
+def rollout_requests(
+    problems: pl.DataFrame, posterior_samples: pl.DataFrame, round_: int = 1
+) -> pl.DataFrame:
+    """Well-formed traces -> (prompt_idx, sample_idx, round, prompt), sorted so a question's traces are adjacent.
+
+    A trace whose prompt_idx is not in `problems` raises, naming it. A missing `round` column means round_."""
+    samples = posterior_samples
+    if "round" not in samples.columns:
+        samples = samples.with_columns(round=pl.lit(round_, pl.Int64))
+    traces = samples.filter(pl.col("format_ok")).select("prompt_idx", "sample_idx", "round", "think")
+    joined = traces.join(problems.select("prompt_idx", "question"), on="prompt_idx", how="left")
+    if (missing := joined.filter(pl.col("question").is_null())).height:
+        raise ValueError(
+            f"rollouts: posterior sample(s) of prompt_idx {missing['prompt_idx'].unique().to_list()[:5]} "
+            "have no problem; posterior_samples and problems come from different runs"
+        )
+    rows = [
+        {"prompt_idx": p, "sample_idx": k, "round": r, "prompt": templates.rollout_prompt(q, think)}
+        for p, k, r, think, q in joined.select(
+            "prompt_idx", "sample_idx", "round", "think", "question"
+        ).iter_rows()
+    ]
+    return pl.DataFrame(rows, schema=REQUEST_SCHEMA).sort("prompt_idx", "sample_idx")
+
+
+def request_seeds(requests: pl.DataFrame, sampling_cfg: SamplingConfig) -> list[int]:
+    """One seed per trace, stable in (round, prompt_idx, sample_idx)."""
+    return [
+        request_seed(sampling_cfg.seed, int(r), int(p), int(k))
+        for p, k, r in requests.select("prompt_idx", "sample_idx", "round").iter_rows()
+    ]
+
+
+def parse_rollouts(
+    requests: pl.DataFrame, completions: list[list[Completion]], seeds: list[int]
+) -> pl.DataFrame:
+    """Requests x their M completions -> `rollouts` rows."""
+    if not (len(completions) == len(seeds) == requests.height):
+        raise ValueError(
+            f"{requests.height} requests, {len(completions)} completion lists, {len(seeds)} seeds: "
+            "pass one of each per request"
+        )
+    rows = [
+        {
+            "prompt_idx": p,
+            "sample_idx": k,
+            "rollout_idx": m,
+            "round": r,
+            "seed": seed,
+            "text": c.text,
+            "n_tokens": c.n_tokens,
+            "finish_reason": c.finish_reason,
+        }
+        for (p, k, r), comps, seed in zip(
+            requests.select("prompt_idx", "sample_idx", "round").iter_rows(), completions, seeds, strict=True
+        )
+        for m, c in enumerate(comps)
+    ]
+    return pl.DataFrame(rows, schema=ROLLOUTS_SCHEMA)
+
+
+def summarize(traces: int, requests: int, rollouts: pl.DataFrame) -> str:
+    s = rollouts.select(
+        pl.len().alias("rollouts"),
+        pl.col("text").str.starts_with(WELL_FORMED).mean().alias("ok"),
+        (pl.col("finish_reason") == "length").mean().alias("cut"),
+        pl.col("n_tokens").mean().alias("tokens"),
+    ).row(0, named=True)
+    return (
+        "| traces | with rollouts | skipped (no `<|end_of`) | rollouts | start `_thought|>` | finish=length "
+        "| mean tokens |\n|---|---|---|---|---|---|---|\n"
+        f"| {traces} | {requests} | {traces - requests} | {s['rollouts']} | {s['ok'] or 0:.1%} | "
+        f"{s['cut'] or 0:.1%} | {s['tokens'] or 0:.0f} |\n"
+    )
+
+
+# ---------------------------------------------------------------- Prefect task
+
+
+def fingerprint_of(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> str:
+    conf = RunConfig.model_validate(cfg)
+    return fingerprint(
+        STAGE,
+        code=code_version(sys.modules[__name__], posterior, sampling, templates),
+        config={
+            "M": conf.M,
+            "rollout_sampling": conf.rollout_sampling,
+            "engine": posterior.engine_fields(conf),
+        },
+        upstream={
+            "problems": upstream["problems"]["fingerprint"],
+            "posterior_samples": upstream["posterior_samples"]["fingerprint"],
+            "pi_theta0": posterior.model_id(upstream["pi_theta0"]),
+        },
+        round=round_,
+    )
+
+
+@stage_task(STAGE, fingerprint_of)
+def rollouts_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict:
+    conf = RunConfig.model_validate(cfg)
+    store = open_store(cfg, STAGE, fingerprint_of(cfg, upstream, round_))
+    if store.is_complete():
+        return reuse_stage(store, round_)
+    samples = read_stage(upstream["posterior_samples"])
+    requests = rollout_requests(read_stage(upstream["problems"]), samples, round_)
+    if skipped := samples.height - requests.height:
+        logger().info(
+            "%s: %d of %d traces lack `<|end_of` and get no rollouts", STAGE, skipped, samples.height
+        )
+    engine = posterior.LazySampler(str(upstream["pi_theta0"]["model_dir"]), conf, prefix_caching=True)
+
+    def compute(shard: pl.DataFrame) -> pl.DataFrame:
+        if shard.is_empty():  # no well-formed trace at all: an empty table, no engine
+            return pl.DataFrame(schema=ROLLOUTS_SCHEMA)
+        seeds = request_seeds(shard, conf.rollout_sampling)
+        completions = engine.get().generate(
+            shard["prompt"].to_list(),
+            n=conf.M,
+            sampling=conf.rollout_sampling,
+            stop=[templates.ANSWER_STOP],
+            seeds=seeds,
+            include_stop=True,
+        )
+        return parse_rollouts(shard, completions, seeds)
+
+    try:
+        done, reused = run_shards(store, requests, conf.rollout_sampling.shard_size, compute)
+    finally:
+        engine.close()
+    logger().info("%s: %d shards sampled, %d reused", STAGE, done, reused)
+    return finish_stage(
+        store,
+        round_,
+        rows_in=samples.height,
+        summary=summarize(samples.height, requests.height, store.read()),
+        traces_without_rollouts=skipped,
+    )

@@ -1,0 +1,110 @@
+"""Stage `sample_prior`: M traces per question from the policy π_θ WITHOUT the hint (forward KL, method.md §2 Eq.9).
+
+In:  problems (prompt_idx, question) and the policy model manifest ("model_dir", "fingerprint"): π_θ0 in
+     round 1, the last π_θ in later rounds (Algorithm 1).
+Out: table `prior_samples`, one row per (prompt_idx, sample_idx, round): the `posterior_samples` columns
+     (seed, prompt, response, think, think_len, format_ok, finish_reason) plus `text` (= response, a full
+     π_θ completion ending in `<|end_of_solution|>` when finished) and `rollout_idx` = 0, so the verify stage
+     reads these rows like rollouts and its accuracies become the weights w_m of Eq.9.
+
+Sampling: `posterior_sampling` (the same long-trace settings as q_φ's, a whole think + answer must fit),
+n = M per question, stop `<|end_of_solution|>` kept in the text.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+
+import polars as pl
+
+from tasks import sample_posterior as posterior
+from variational import sampling, templates
+from variational.config import RunConfig, SamplingConfig
+from variational.sampling import Completion, request_seed
+from variational.stage import finish_stage, logger, open_store, reuse_stage, run_shards, stage_task
+from variational.store import code_version, fingerprint, read_stage
+
+STAGE = "sample_prior"
+TABLE = "prior_samples"
+PRIOR_STREAM = 1  # the last seed key: keeps prior seeds apart from the posterior seeds of the same question
+
+
+def prior_requests(problems: pl.DataFrame) -> pl.DataFrame:
+    """problems -> (prompt_idx, prompt): the π_θ prompt (no hint) of every question, by prompt_idx."""
+    rows = [
+        {"prompt_idx": p, "prompt": templates.pi_prompt(q)}
+        for p, q in problems.select("prompt_idx", "question").iter_rows()
+    ]
+    return pl.DataFrame(rows, schema={"prompt_idx": pl.Int64, "prompt": pl.String}).sort("prompt_idx")
+
+
+def request_seeds(prompt_idx: list[int], sampling_cfg: SamplingConfig, round_: int) -> list[int]:
+    return [request_seed(sampling_cfg.seed, round_, int(p), PRIOR_STREAM) for p in prompt_idx]
+
+
+def parse_prior(
+    requests: pl.DataFrame,
+    completions: list[list[Completion]],
+    round_: int,
+    seeds: list[int],
+    tokenizer_count: Callable[[str], int],
+) -> pl.DataFrame:
+    """The `prior_samples` rows of one batch of requests: sample rows + text (the response) + rollout_idx 0."""
+    rows = posterior.sample_rows(requests, completions, round_, seeds, tokenizer_count)
+    return rows.with_columns(text=pl.col("response"), rollout_idx=pl.lit(0, pl.Int64))
+
+
+def fingerprint_of(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> str:
+    conf = RunConfig.model_validate(cfg)
+    return fingerprint(
+        STAGE,
+        code=code_version(
+            sys.modules[__name__],
+            posterior,
+            sampling,
+            templates,
+            importlib.import_module("variational.scoring"),
+        ),
+        config={
+            "M": conf.M,
+            "posterior_sampling": conf.posterior_sampling,
+            "engine": posterior.engine_fields(conf),
+        },
+        upstream={
+            "problems": upstream["problems"]["fingerprint"],
+            "policy": posterior.model_id(upstream["policy"]),
+        },
+        round=round_,
+    )
+
+
+@stage_task(STAGE, fingerprint_of)
+def sample_prior_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict:
+    conf = RunConfig.model_validate(cfg)
+    store = open_store(cfg, STAGE, fingerprint_of(cfg, upstream, round_))
+    if store.is_complete():
+        return reuse_stage(store, round_)
+    requests = prior_requests(read_stage(upstream["problems"]))
+    engine = posterior.LazySampler(str(upstream["policy"]["model_dir"]), conf)
+
+    def compute(shard: pl.DataFrame) -> pl.DataFrame:
+        seeds = request_seeds(shard["prompt_idx"].to_list(), conf.posterior_sampling, round_)
+        sampler = engine.get()
+        completions = sampler.generate(
+            shard["prompt"].to_list(),
+            n=conf.M,
+            sampling=conf.posterior_sampling,
+            stop=[templates.ANSWER_STOP],
+            seeds=seeds,
+            include_stop=True,
+        )
+        return parse_prior(shard, completions, round_, seeds, posterior.think_counter(sampler))
+
+    try:
+        done, reused = run_shards(store, requests, conf.posterior_sampling.shard_size, compute)
+    finally:
+        engine.close()
+    logger().info("%s: %d shards sampled, %d reused", STAGE, done, reused)
+    return finish_stage(store, round_, rows_in=requests.height, summary=posterior.summarize(store.read()))

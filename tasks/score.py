@@ -1,0 +1,228 @@
+"""Stage `score`: teacher-forced per-token log-probs of every posterior trace under π_θ0 and q_φ (method.md §1).
+
+In:  problems (prompt_idx, question, solution_ref), posterior_samples (prompt_idx, sample_idx, round, think),
+     and the model manifests pi_theta0, q_phi (each with "model_dir").
+Out: table `logps`, one row per (prompt_idx, sample_idx, round, model, span):
+     pi_theta0/think  = log π_θ0(think | x)
+     pi_theta0/answer = log π_θ0(answer | x, think), answer = templates.reference_answer(solution_ref)
+     q_phi/think      = log q_φ(think | x, y′)
+     with token_logps (list<float32>), logp_sum, logp_mean (null for 0 tokens), n_tokens, truncated.
+
+Both models score the SAME think ids (`scoring.encode_think`, tokenised once; method.md §8.9); π_θ0 scores
+think + answer as one continuation of its prompt, split afterwards. Each context is capped at
+cfg.score.max_length tokens in total (method.md §1: 32,000): the continuation's tail is cut and `truncated`
+set, so n_tokens can be smaller than think_len.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from variational import scoring, templates
+from variational.config import RunConfig, ScoreConfig
+from variational.stage import finish_stage, logger, open_store, reuse_stage, run_shards, stage_task
+from variational.store import code_version, fingerprint, read_stage
+
+STAGE = "score"
+TABLE = "logps"
+PI, Q = "pi_theta0", "q_phi"  # `logps.model` values, read by tasks/weights.py
+KEYS = ["prompt_idx", "sample_idx", "round"]
+REQUEST_COLUMNS = [*KEYS, "pi_ids", "q_ids", "think_ids", "answer_ids"]
+LOGPS_SCHEMA = {
+    "prompt_idx": pl.Int64,
+    "sample_idx": pl.Int64,
+    "round": pl.Int64,
+    "model": pl.String,
+    "span": pl.String,
+    "token_logps": pl.List(pl.Float32),
+    "logp_sum": pl.Float64,
+    "logp_mean": pl.Float64,
+    "n_tokens": pl.Int64,
+    "truncated": pl.Boolean,
+}
+
+
+def score_requests(
+    problems: pl.DataFrame,
+    posterior_samples: pl.DataFrame,
+    tokenizer: Any,
+    template: templates.PosteriorTemplate,
+) -> pl.DataFrame:
+    """Token ids of every scoring row: pi prompt, posterior prompt, think (tokenised ONCE), reference answer.
+
+    One row per posterior sample, in the samples' order; a sample whose prompt_idx is not in `problems`
+    raises, naming it. A missing `round` column means round 1."""
+    samples = posterior_samples
+    if "round" not in samples.columns:
+        samples = samples.with_columns(round=pl.lit(1, pl.Int64))
+    joined = samples.select(*KEYS, "think").join(
+        problems.select("prompt_idx", "question", "solution_ref").cast(
+            {"prompt_idx": samples["prompt_idx"].dtype}
+        ),
+        on="prompt_idx",
+        how="left",
+        maintain_order="left",
+    )
+    missing = joined.filter(pl.col("question").is_null())["prompt_idx"].unique().to_list()
+    if missing:
+        raise ValueError(f"posterior_samples refer to prompt_idx {missing[:5]} absent from problems")
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # prompts repeat K times per question: tokenise each once
+    pi_ids, q_ids, answer_ids = {}, {}, {}
+    for r in joined.unique("prompt_idx").iter_rows(named=True):
+        pi_ids[r["prompt_idx"]] = ids(templates.pi_prompt(r["question"]))
+        q_ids[r["prompt_idx"]] = ids(templates.posterior_prompt(r["question"], r["solution_ref"], template))
+        answer_ids[r["prompt_idx"]] = ids(templates.reference_answer(r["solution_ref"]))
+    return pl.DataFrame(
+        {
+            "prompt_idx": joined["prompt_idx"].cast(pl.Int64),
+            "sample_idx": joined["sample_idx"].cast(pl.Int64),
+            "round": joined["round"].cast(pl.Int64),
+            "pi_ids": [pi_ids[p] for p in joined["prompt_idx"]],
+            "q_ids": [q_ids[p] for p in joined["prompt_idx"]],
+            "think_ids": [scoring.encode_think(tokenizer, t or "") for t in joined["think"]],
+            "answer_ids": [answer_ids[p] for p in joined["prompt_idx"]],
+        },
+        schema_overrides={c: pl.List(pl.Int32) for c in REQUEST_COLUMNS[3:]},
+    )
+
+
+def _cap(ctx: list[int], cont: list[int], max_length: int) -> list[int]:
+    """The continuation cut so that context + continuation <= max_length tokens (method.md §1)."""
+    return cont[: max(0, max_length - len(ctx))]
+
+
+def forward_tokens(requests: pl.DataFrame, max_length: int) -> int:
+    """Tokens the two backbones run over for these requests (each context capped at max_length)."""
+    n = {c: pl.col(c).list.len() for c in REQUEST_COLUMNS[3:]}
+    pi = pl.min_horizontal(n["pi_ids"] + n["think_ids"] + n["answer_ids"], max_length)
+    q = pl.min_horizontal(n["q_ids"] + n["think_ids"], max_length)
+    return int(requests.select((pi + q).sum()).item() or 0)
+
+
+def _row(key: tuple, model: str, span: str, logps: np.ndarray, truncated: bool) -> dict:
+    total, mean, n = scoring.summarize(logps)
+    return dict(zip(KEYS, key, strict=True)) | {
+        "model": model,
+        "span": span,
+        "token_logps": logps.tolist(),
+        "logp_sum": total,
+        "logp_mean": mean,
+        "n_tokens": n,
+        "truncated": truncated,
+    }
+
+
+def score_rows(
+    requests: pl.DataFrame, models: dict[str, torch.nn.Module], cfg: ScoreConfig, progress: bool = True
+) -> pl.DataFrame:
+    """The `logps` rows of `requests` (from `score_requests`), scored by models {"pi_theta0": ..., "q_phi": ...}."""
+    keys = list(requests.select(KEYS).iter_rows())
+    pi_ctx, q_ctx = requests["pi_ids"].to_list(), requests["q_ids"].to_list()
+    think, answer = requests["think_ids"].to_list(), requests["answer_ids"].to_list()
+    opts = {"token_budget": cfg.token_budget, "chunk": cfg.vocab_chunk, "progress": progress}
+
+    pi_cont = [_cap(c, t + a, cfg.max_length) for c, t, a in zip(pi_ctx, think, answer, strict=True)]
+    q_cont = [_cap(c, t, cfg.max_length) for c, t in zip(q_ctx, think, strict=True)]
+    pi_lp = scoring.score_continuations(models[PI], pi_ctx, pi_cont, **opts)
+    q_lp = scoring.score_continuations(models[Q], q_ctx, q_cont, **opts)
+
+    rows = []
+    for i, key in enumerate(keys):
+        n_think, n_answer = len(think[i]), len(answer[i])
+        rows.append(_row(key, PI, "think", pi_lp[i][:n_think], len(pi_cont[i]) < n_think))
+        rows.append(_row(key, PI, "answer", pi_lp[i][n_think:], len(pi_cont[i]) < n_think + n_answer))
+        rows.append(_row(key, Q, "think", q_lp[i], len(q_cont[i]) < n_think))
+    return pl.DataFrame(rows, schema=LOGPS_SCHEMA)
+
+
+def score(
+    problems: pl.DataFrame,
+    posterior_samples: pl.DataFrame,
+    models: dict[str, torch.nn.Module],
+    tokenizer: Any,
+    cfg: ScoreConfig,
+    template: templates.PosteriorTemplate,
+    progress: bool = True,
+) -> pl.DataFrame:
+    """problems + posterior_samples -> `logps` (the stage's core; models and tokenizer already loaded)."""
+    return score_rows(score_requests(problems, posterior_samples, tokenizer, template), models, cfg, progress)
+
+
+# ---------------------------------------------------------------- Prefect task -----------------------------
+UPSTREAM = ("problems", "posterior_samples", PI, Q)
+
+
+def fingerprint_of(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> str:
+    conf = RunConfig.model_validate(cfg)
+    return fingerprint(
+        STAGE,
+        code=code_version(sys.modules[__name__], scoring, templates),
+        config={"score": conf.score, "posterior_template": conf.posterior_template},
+        upstream={k: upstream[k]["fingerprint"] for k in UPSTREAM if k in upstream},
+        round=round_,
+    )
+
+
+def _check_same_vocab(a: Any, b: Any) -> None:
+    # both models must read the same ids; they are fine-tunes of one base model, so one tokenizer serves both
+    if a.get_vocab() != b.get_vocab():
+        raise ValueError(
+            "pi_theta0 and q_phi have different tokenizers: they must be fine-tunes of one base model"
+        )
+
+
+def summarize_run(out_rows: int, scored: int, forward: int, seconds: float) -> str:
+    rate = forward / seconds if seconds > 0 else float("nan")
+    return (
+        "| rows | tokens scored | tokens forwarded | compute (s) | tokens/s |\n|---|---|---|---|---|\n"
+        f"| {out_rows} | {scored} | {forward} | {seconds:.1f} | {rate:,.0f} |\n"
+    )
+
+
+@stage_task(STAGE, fingerprint_of)
+def score_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict:
+    conf = RunConfig.model_validate(cfg)
+    store = open_store(cfg, STAGE, fingerprint_of(cfg, upstream, round_))
+    if store.is_complete():
+        return reuse_stage(store, round_)
+    problems = read_stage(upstream["problems"])
+    samples = read_stage(upstream["posterior_samples"])
+    if "round" not in samples.columns:
+        samples = samples.with_columns(round=pl.lit(round_, pl.Int64))
+    samples = samples.sort(KEYS)
+    loaded: dict[str, Any] = {}
+    stats = {"scored": 0, "forward": 0, "seconds": 0.0}
+
+    def compute(shard: pl.DataFrame) -> pl.DataFrame:
+        if not loaded:  # lazily, once per task run: a fully resumed stage loads nothing
+            for name in (PI, Q):
+                model, tok = scoring.load_scorer(upstream[name]["model_dir"])
+                loaded[name], loaded[f"{name}_tokenizer"] = model, tok
+            _check_same_vocab(loaded[f"{PI}_tokenizer"], loaded[f"{Q}_tokenizer"])
+        t0 = time.perf_counter()
+        requests = score_requests(problems, shard, loaded[f"{PI}_tokenizer"], conf.posterior_template)
+        out = score_rows(requests, {PI: loaded[PI], Q: loaded[Q]}, conf.score)
+        stats["seconds"] += time.perf_counter() - t0
+        stats["scored"] += int(out["n_tokens"].sum())
+        stats["forward"] += forward_tokens(requests, conf.score.max_length)
+        return out
+
+    done, reused = run_shards(store, samples, conf.score.shard_size, compute)
+    logger().info("%s: %d shards computed, %d reused", STAGE, done, reused)
+    manifest_rows = 3 * samples.height
+    return finish_stage(
+        store,
+        round_,
+        rows_in=samples.height,
+        summary=summarize_run(manifest_rows, stats["scored"], stats["forward"], stats["seconds"]),
+    )
