@@ -92,8 +92,9 @@ def q_phi_forward_kl_examples(
         prior_samples.select("prompt_idx", "sample_idx", "think", "format_ok")
         .join(acc, on=["prompt_idx", "sample_idx"], how="left")
         .with_columns(raw=pl.when(pl.col("format_ok")).then(pl.col("accuracy").fill_null(0.0)).otherwise(0.0))
-        .with_columns(weight=pl.col("raw") / pl.col("raw").sum().over("prompt_idx"))
-        .filter(pl.col("weight") > 0)  # also drops questions with no correct trace (0/0 = NaN)
+        .with_columns(total=pl.col("raw").sum().over("prompt_idx"))
+        .filter(pl.col("raw") > 0)  # also drops every trace of a question with no correct one
+        .with_columns(weight=pl.col("raw") / pl.col("total"))
         .join(problems.select("prompt_idx", "question", "solution_ref"), on="prompt_idx", how="inner")
         .sort("prompt_idx", "sample_idx")
     )

@@ -103,7 +103,7 @@ def _looks_bare(s: str) -> bool:
     return (
         0 < len(s) <= 200
         and "\n" not in s
-        and not _DELIMITED.search(s.replace("\\$", ""))
+        and not _DELIMITED.search(s)
         and not _WORD.search(_COMMAND.sub(" ", s))
     )
 
@@ -332,12 +332,16 @@ def fingerprint_of(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> str
 
 
 def _run_stage(
-    stage: str, cfg: dict, fp: str, items: pl.DataFrame, problems: pl.DataFrame, round_: int
+    stage: str, cfg: dict, fp: str, upstream: dict[str, dict], items_key: str, round_: int
 ) -> dict:
+    """The task body shared by verify and verify_prior: reuse, or verify `upstream[items_key]` by shards."""
     conf = RunConfig.model_validate(cfg).verify
     store = open_store(cfg, stage, fp)
     if store.is_complete():
         return reuse_stage(store, round_)
+    items, problems = read_stage(upstream[items_key]), read_stage(upstream["problems"])
+    if "text" not in items.columns and "response" in items.columns:  # prior samples: full completions
+        items = items.rename({"response": "text"})
     with MathPool(conf.workers) as pool:  # one pool for all shards; workers start on the first math row
         run_shards(store, items, conf.shard_size, lambda part: verify(part, problems, conf, pool=pool))
     return finish_stage(store, round_, rows_in=items.height, summary=verdict_summary(store.read()))
@@ -346,12 +350,7 @@ def _run_stage(
 @stage_task(STAGE, fingerprint_of)
 def verify_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict:
     """rollouts + problems -> verdicts, sharded over the rollouts (resumable)."""
-    fp = fingerprint_of(cfg, upstream, round_)
-    store = open_store(cfg, STAGE, fp)
-    if store.is_complete():
-        return reuse_stage(store, round_)
-    rollouts, problems = read_stage(upstream["rollouts"]), read_stage(upstream["problems"])
-    return _run_stage(STAGE, cfg, fp, rollouts, problems, round_)
+    return _run_stage(STAGE, cfg, fingerprint_of(cfg, upstream, round_), upstream, "rollouts", round_)
 
 
 PRIOR_STAGE = "verify_prior"
@@ -363,16 +362,10 @@ def prior_fingerprint_of(cfg: dict, upstream: dict[str, dict], round_: int = 1) 
 
 @stage_task(PRIOR_STAGE, prior_fingerprint_of)
 def verify_prior_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict:
-    """prior_samples (full pi_theta completions in `text` or `response`) + problems -> their verdicts, the
-    accuracies w_m of Eq.9 (method.md §1, forward-KL posterior update)."""
+    """prior_samples (full pi_theta completions in `text` or `response`) + problems -> their verdicts: the
+    accuracies w_m of Eq.9 (method.md §1, the forward-KL posterior update)."""
     fp = prior_fingerprint_of(cfg, upstream, round_)
-    store = open_store(cfg, PRIOR_STAGE, fp)
-    if store.is_complete():
-        return reuse_stage(store, round_)
-    samples = read_stage(upstream["prior_samples"])
-    if "text" not in samples.columns and "response" in samples.columns:
-        samples = samples.rename({"response": "text"})
-    return _run_stage(PRIOR_STAGE, cfg, fp, samples, read_stage(upstream["problems"]), round_)
+    return _run_stage(PRIOR_STAGE, cfg, fp, upstream, "prior_samples", round_)
 
 
 # ================================================================ verifier report (labelled pairs)

@@ -23,6 +23,8 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = ["problems", "posterior_samples", "logps", "rollouts", "verdicts", "weights", "train", "eval"]
+STAGES = ["ingest", "sample_posterior", "score", "rollouts", "verify", "weights", "select", "evaluate"]
+STAGE_OF = dict(zip(TABLES, STAGES, strict=True))
 
 
 def _env(root: Path) -> dict[str, str]:
@@ -51,7 +53,7 @@ def stages(root: Path) -> dict[str, dict]:
 
 
 def table(root: Path, name: str, round_: str = "1") -> pl.DataFrame:
-    files = sorted(Path(stages(root)[name][round_]["path"]).glob("part-*.parquet"))
+    files = sorted(Path(stages(root)[STAGE_OF.get(name, name)][round_]["path"]).glob("part-*.parquet"))
     return pl.concat([pl.read_parquet(f) for f in files], how="vertical_relaxed")
 
 
@@ -73,7 +75,7 @@ def run_a(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_tiny_end_to_end(run_a: Path) -> None:
     st = stages(run_a)
-    for name in TABLES + ["finetune_pi_theta0", "finetune_q_phi", "final_sft"]:
+    for name in STAGES + ["finetune_pi_theta0", "finetune_q_phi", "final_sft"]:
         assert name in st, f"stage {name} missing from run.json: {sorted(st)}"
     verdicts = table(run_a, "verdicts")
     assert verdicts["correct"].sum() > 0, "no rollout was verified correct"
@@ -148,7 +150,7 @@ def test_changing_estimator_recomputes_only_below_weights(run_a: Path) -> None:
     run_tiny(run_a, "weights.estimator=gml", "eval.enabled=false")
     after_fp = {name: rounds["1"]["fingerprint"] for name, rounds in stages(run_a).items()}
     changed = {name for name in after_fp if after_fp[name] != before_fp.get(name)}
-    assert changed == {"weights", "train", "final_sft"}, f"recomputed: {sorted(changed)}"
+    assert changed == {"weights", "select", "final_sft"}, f"recomputed: {sorted(changed)}"
     for name in [
         "problems",
         "finetune_pi_theta0",

@@ -1,7 +1,8 @@
 """variational/procpool.py: outcomes in order, soft and hard deadlines, dead and stuck workers replaced.
 
 The worker functions are stdlib ones (the workers must import them by name): operator.truediv (ok, or an
-error on division by zero), time.sleep (interruptible: the soft SIGALRM deadline)."""
+error on division by zero), time.sleep (interruptible: the soft SIGALRM deadline). They use spawn: the
+forkserver (and its preload list) is left to MathPool, whose tests cover that start method."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from variational.procpool import HARD_GRACE_S, DeadlinePool
 
 @pytest.fixture(scope="module")
 def pool() -> Iterator[DeadlinePool]:
-    with DeadlinePool(operator.truediv, 2) as p:
+    with DeadlinePool(operator.truediv, 2, start_method="spawn") as p:
         yield p
 
 
@@ -31,7 +32,7 @@ def test_outcomes_in_order(pool: DeadlinePool) -> None:
 
 
 def test_soft_deadline_keeps_the_worker() -> None:
-    with DeadlinePool(time.sleep, 1) as p:
+    with DeadlinePool(time.sleep, 1, start_method="spawn") as p:
         p.run([(0,)], timeout_s=1)
         pid = p.slots[0].proc.pid
         t0 = time.perf_counter()

@@ -277,7 +277,11 @@ def test_leak_flags_literal() -> None:
 def test_report_of_empty_tables_and_no_eligible_weights(tmp_path: Path) -> None:
     for i, (stage, build) in enumerate(TABLES.items()):
         df = build()
-        df = df.with_columns(eligible=False, rho_tilde=pl.lit(None, pl.Float64)) if stage == "weights" else df.clear()
+        df = (
+            df.with_columns(eligible=False, rho_tilde=pl.lit(None, pl.Float64))
+            if stage == "weights"
+            else df.clear()
+        )
         store = StageStore(tmp_path, RUN, stage, f"fp{i:04d}")
         store.write_shard(0, df)
         record_stage(tmp_path, RUN, stage, store.finish())

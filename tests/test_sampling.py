@@ -109,7 +109,9 @@ def test_importing_sampling_does_not_import_vllm() -> None:
 @pytest.fixture(scope="module")
 def vllm_sampler(embedded_model_dir: Path) -> Sampler:
     pytest.importorskip("vllm")
-    engine = EngineConfig(backend="vllm", dtype="float32", max_model_len=1024, max_num_seqs=32)
+    engine = EngineConfig(
+        backend="vllm", dtype="float32", max_model_len=1024, max_num_seqs=32, kv_cache_gib=0.5
+    )
     with Sampler(embedded_model_dir, engine) as sampler:
         yield sampler
 

@@ -28,7 +28,7 @@ def test_last_code_block() -> None:
 
 
 def test_normalise() -> None:
-    assert normalise("  1   2 \n\n3\n\n") == normalise("1 2\n3") == ["1 2", "3"]
+    assert normalise("\n  1   2 \n3\t\n\n") == normalise("1 2\n3") == ["1 2", "3"]
     assert normalise("1\n\n2") != normalise("1\n2")  # inner blank lines count
 
 

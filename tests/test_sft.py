@@ -111,6 +111,9 @@ def test_packed_equals_alone_and_padded(tok_model) -> None:
     loss_packed, g_packed = grads(model, [sft.collate(exs)])
     loss_alone, g_alone = grads(model, [sft.collate([e]) for e in exs])
     loss_padded, g_padded = grads(model, [sft.collate(exs, packed=False, pad_id=tok.pad_token_id)])
+    loss_tail, g_tail = grads(model, [sft.collate(exs, pad_to=64)])  # packed row with a pad segment
+    assert loss_tail == pytest.approx(loss_alone, rel=1e-5)
+    assert_grads_close(g_tail, g_alone)
     assert loss_packed == pytest.approx(loss_alone, rel=1e-5)
     assert loss_padded == pytest.approx(loss_alone, rel=1e-5)
     assert_grads_close(g_packed, g_alone)
@@ -201,9 +204,9 @@ def mean_loss(model_dir: Path, df: pl.DataFrame) -> float:
 def test_loss_falls_and_folder_loads(tiny_model_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    df = small_rows(8)
+    df = small_rows(4)
     cfg = TrainConfig(
-        learning_rate=1e-2, epochs=4, batch_size=4, micro_batch_tokens=2048, max_length=512, warmup_ratio=0.1
+        learning_rate=1e-2, epochs=4, batch_size=2, micro_batch_tokens=2048, max_length=512, warmup_ratio=0.1
     )
     m = sft.train(tiny_model_dir, df, cfg, tmp_path / "out", progress=False)
     assert m["steps"] == 8 and len(m["loss_curve"]) == 8

@@ -15,9 +15,9 @@ from tasks.verify import (
     MathPool,
     check_answers,
     check_code,
-    last_code_block,
     verifier_report,
     verify,
+    verify_prior_task,
     verify_task,
 )
 from variational import templates
@@ -237,6 +237,39 @@ def test_verify_task_writes_and_reuses(tmp_path: Path) -> None:
     assert verify_task.fn(cfg, upstream)["fingerprint"] != manifest["fingerprint"]
 
 
+def test_verify_prior_task_reads_responses(tmp_path: Path) -> None:
+    cfg = RunConfig(name="t", base_model="embedded:smollm2-135m", data_root=str(tmp_path)).model_dump()
+    cfg["verify"]["workers"] = 1
+    inputs = {
+        "problems": pl.DataFrame({"prompt_idx": [0], "kind": ["math"], "gold": [["6"]]}),
+        "prior_samples": pl.DataFrame(
+            {
+                "prompt_idx": [0, 0],
+                "sample_idx": [0, 1],
+                "round": [2, 2],
+                "response": [
+                    templates.pi_response("2*3", "$\\boxed{6}$"),
+                    templates.pi_response("hm", "$\\boxed{5}$"),
+                ],
+            }
+        ),
+    }
+    upstream = {}
+    for name, df in inputs.items():
+        st = StageStore(tmp_path, "t", name, f"fp-{name}")
+        st.write_shard(0, df)
+        upstream[name] = st.finish()
+    manifest = verify_prior_task.fn(cfg, upstream, 2)
+    out = pl.read_parquet(Path(manifest["path"]) / "*.parquet")
+    assert out.select("sample_idx", "round", "correct").rows() == [(0, 2, True), (1, 2, False)]
+    assert (
+        manifest["fingerprint"]
+        != verify_task.fn(cfg, {"rollouts": upstream["prior_samples"], "problems": upstream["problems"]})[
+            "fingerprint"
+        ]
+    )
+
+
 # ---------------------------------------------------------------- agreement with labelled pairs
 def test_agreement_with_labelled_pairs(pool: MathPool, shared_data: Path) -> None:
     agreement, disagreements = verifier_report(shared_data, pool=pool)
@@ -248,3 +281,23 @@ def test_agreement_with_labelled_pairs(pool: MathPool, shared_data: Path) -> Non
     assert by_file["hendrycks_is_equiv"]["agreement"] >= 0.85
     assert by_file["math_verify"]["timeout_or_error"] == 0
     assert disagreements.height == sum(r["pairs"] - r["agree"] for r in by_file.values())
+
+
+@pytest.mark.slow
+def test_throughput_easy_rows(pool: MathPool) -> None:
+    # measured on 2 cores shared with other jobs (load 6-9): 380-910 pairs/s; real 7.7k-char long-CoT
+    # outputs (shared/data longcot_skyt1): 22-26 pairs/s, 0.952 agreement with SkyThought's grader
+    n = 2000
+    df = pl.DataFrame(
+        {
+            "text": [f"Reasoning about {i}.\n\nSo the answer is $\\boxed{{{i % 97}}}$." for i in range(n)],
+            "gold": [[str(i % 89)] for i in range(n)],
+        }
+    )
+    check_answers(df.head(4), pool=pool)
+    t0 = time.perf_counter()
+    out = check_answers(df, pool=pool)
+    rate = n / (time.perf_counter() - t0)
+    print(f"check_answers: {rate:.0f} pairs/s on {pool.size} workers")
+    assert out["correct"].sum() == sum(i % 97 == i % 89 for i in range(n))
+    assert rate > 50

