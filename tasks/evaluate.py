@@ -68,7 +68,7 @@ def summarize(eval_rows: pl.DataFrame, ks: list[int] | None = None) -> pl.DataFr
 
     k = samples per problem (the smallest count when problems differ); `ks` default: the powers of two
     <= k of each benchmark; a pass@j column is null for a benchmark with k < j. Rows whose status is
-    `gold_unparsable` are skipped (counted in n_skipped): a gold that does not parse says nothing about the
+    `gold_unparsable` are skipped (their samples counted in n_skipped): a gold that does not parse says nothing about the
     model (open-r1 does the same). Input columns: model, benchmark, problem_id, sample, correct[, status]."""
     skip = pl.col("status") == "gold_unparsable" if "status" in eval_rows.columns else pl.lit(False)
     per_problem = (
