@@ -356,7 +356,7 @@ def main() -> int:
 
     header = (
         f"## bench {dt.datetime.now():%Y-%m-%d %H:%M} on {socket.gethostname()} ({hw}); torch {torch.__version__}, "
-        f"transformers {transformers.__version__}{'; --quick' if args.quick else ''}"
+        f"transformers {transformers.__version__}; load avg {os.getloadavg()[0]:.1f}{'; --quick' if args.quick else ''}"
     )
     table = markdown(rows, header)
     print(table)

@@ -138,9 +138,13 @@ def check_scorer(
     def score(ctxs: list, conts: list, budget: int) -> list[np.ndarray]:
         return score_continuations(model, ctxs, conts, token_budget=budget, chunk=CHUNK, progress=False)
 
-    # warm-up: kernels, allocator
-    warm = rng.integers(0, cfg.vocab_size, min(lengths)).tolist()
-    score([warm[:64]], [warm[64:]], len(warm))
+    # warm-up of every path (kernel selection, allocator) on two short rows
+    warm = rng.integers(0, cfg.vocab_size, 2 * row).tolist()
+    for attn in (VARLEN, "sdpa"):
+        model.set_attn_implementation(attn)
+        score([warm[:64], warm[row : row + 64]], [warm[64:row], warm[row + 64 :]], 2 * row)
+    naive_logps(model, warm, 64, device)
+    model.set_attn_implementation(VARLEN)
     for n in lengths:
         ids = rng.integers(0, cfg.vocab_size, n).tolist()
         ctx, cont = ids[:64], ids[64:]

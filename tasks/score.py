@@ -206,7 +206,7 @@ def score_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict:
     def compute(shard: pl.DataFrame) -> pl.DataFrame:
         if not loaded:  # lazily, once per task run: a fully resumed stage loads nothing
             for name in (PI, Q):
-                model, tok = scoring.load_scorer(upstream[name]["model_dir"])
+                model, tok = scoring.load_scorer(upstream[name]["model_dir"], compile=conf.score.compile)
                 loaded[name], loaded[f"{name}_tokenizer"] = model, tok
             _check_same_vocab(loaded[f"{PI}_tokenizer"], loaded[f"{Q}_tokenizer"])
         t0 = time.perf_counter()

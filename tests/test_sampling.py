@@ -40,27 +40,41 @@ def test_fallback_n_distinct_and_deterministic(tiny: Sampler) -> None:
 
 
 def test_fallback_stop_truncation_matches_unstopped_text(tiny: Sampler) -> None:
-    greedy = SamplingConfig(temperature=0, max_tokens=24)
-    [[full]] = tiny.generate(PROMPTS[1:], n=1, sampling=greedy)
+    # one request, one seed: the with-stop and without-stop runs draw the same tokens until the stop
+    sp = SamplingConfig(temperature=1.0, max_tokens=24, seed=3)
+    [[full]] = tiny.generate(PROMPTS[1:], n=1, sampling=sp)
     assert full.finish_reason == "length" and full.n_tokens == 24
-    # a string the greedy continuation is known to produce, first seen past its first tokens
+    # a string the continuation is known to produce, first seen past its first tokens
     cut = next(
         i for i in range(len(full.text) // 2, len(full.text)) if full.text.find(full.text[i : i + 3]) == i
     )
     stop = full.text[cut : cut + 3]
-    [[kept]] = tiny.generate(PROMPTS[1:], n=1, sampling=greedy, stop=[stop])
-    [[dropped]] = tiny.generate(PROMPTS[1:], n=1, sampling=greedy, stop=[stop], include_stop=False)
+    [[kept]] = tiny.generate(PROMPTS[1:], n=1, sampling=sp, stop=[stop])
+    [[dropped]] = tiny.generate(PROMPTS[1:], n=1, sampling=sp, stop=[stop], include_stop=False)
     assert kept.text == full.text[: cut + len(stop)]
     assert dropped.text == full.text[:cut]
     assert kept.finish_reason == dropped.finish_reason == "stop"
     assert kept.n_tokens == dropped.n_tokens < full.n_tokens
     # the token count stops at the token that completed the stop string
-    short = greedy.model_copy(update={"max_tokens": kept.n_tokens - 1})
+    short = sp.model_copy(update={"max_tokens": kept.n_tokens - 1})
     [[before]] = tiny.generate(PROMPTS[1:], n=1, sampling=short)
     [[upto]] = tiny.generate(
         PROMPTS[1:], n=1, sampling=short.model_copy(update={"max_tokens": kept.n_tokens})
     )
     assert stop not in before.text and stop in upto.text
+
+
+def test_fallback_rows_stopping_early_leave_the_batch(tiny: Sampler) -> None:
+    sp = SamplingConfig(temperature=1.0, max_tokens=16)
+    out = tiny.generate(PROMPTS, n=4, sampling=sp, stop=["e"], seeds=[1, 2])
+    assert out == tiny.generate(PROMPTS, n=4, sampling=sp, stop=["e"], seeds=[1, 2])
+    flat = [c for comps in out for c in comps]
+    for c in flat:
+        if c.finish_reason == "stop":
+            assert c.text.endswith("e") and c.text.count("e") == 1 and c.n_tokens < 16
+        else:
+            assert "e" not in c.text and c.n_tokens == 16
+    assert len({c.n_tokens for c in flat}) > 1, "rows should finish at different steps"
 
 
 def test_fallback_prompt_too_long_gets_empty_length(tiny_model_dir: Path) -> None:

