@@ -242,14 +242,29 @@ def _cast_keys(df: pl.DataFrame, like: pl.DataFrame) -> pl.DataFrame:
 
 def think_log_ratio(logps: pl.DataFrame) -> pl.DataFrame:
     """(prompt_idx, sample_idx, round) -> log_ratio_mean = mean_{t<L}(log π_θ0 − log q_φ) over the think tokens,
-    L = min of the two lengths (method.md §1); null when either model did not score the think or L = 0."""
+    L = min of the two lengths (method.md §1); null when either model did not score the think or L = 0.
+
+    Both models score the same think ids, so L is normally both lengths and the mean is (Σlp − Σlq)/L from
+    the sums alone; the token lists are read only for rows whose lengths differ (a truncated context)."""
     think = logps.filter(pl.col("span") == "think")
-    p = think.filter(pl.col("model") == PI).select(*KEYS, lp=pl.col("token_logps"))
-    q = think.filter(pl.col("model") == Q).select(*KEYS, lq=pl.col("token_logps"))
-    n = pl.min_horizontal(pl.col("lp").list.len(), pl.col("lq").list.len())
-    as64 = pl.List(pl.Float64)
-    diff = pl.col("lp").cast(as64).list.head(n) - pl.col("lq").cast(as64).list.head(n)
-    return p.join(q, on=KEYS, how="inner").select(*KEYS, log_ratio_mean=pl.when(n > 0).then(diff.list.mean()))
+    has_lists = "token_logps" in think.columns
+    extra = ["token_logps"] if has_lists else []
+    p = think.filter(pl.col("model") == PI).select(*KEYS, "n_tokens", "logp_sum", *extra)
+    q = think.filter(pl.col("model") == Q).select(*KEYS, "n_tokens", "logp_sum", *extra)
+    both = p.join(q, on=KEYS, how="inner", suffix="_q")
+    same = pl.col("n_tokens") == pl.col("n_tokens_q")
+    by_sums = (pl.col("logp_sum").cast(pl.Float64) - pl.col("logp_sum_q").cast(pl.Float64)) / pl.col(
+        "n_tokens"
+    )
+    if has_lists:
+        n = pl.min_horizontal(pl.col("token_logps").list.len(), pl.col("token_logps_q").list.len())
+        as64 = pl.List(pl.Float64)
+        diff = pl.col("token_logps").cast(as64).list.head(n) - pl.col("token_logps_q").cast(as64).list.head(n)
+        by_lists = pl.when(n > 0).then(diff.list.mean())
+    else:
+        by_lists = pl.lit(None, pl.Float64)
+    value = pl.when(same & (pl.col("n_tokens") > 0)).then(by_sums).when(~same).then(by_lists)
+    return both.select(*KEYS, log_ratio_mean=value)
 
 
 def _accuracy(verdicts: pl.DataFrame, by: list[str]) -> pl.DataFrame:
@@ -372,8 +387,12 @@ def weights_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict:
         return reuse_stage(store, round_)
     samples = read_stage(upstream["posterior_samples"])
     verdicts = read_stage(upstream["verdicts"]) if "verdicts" in upstream else None
-    out = weights(
-        samples, read_stage(upstream["logps"]), verdicts, read_stage(upstream["problems"]), conf.weights
+    logps = read_stage(
+        upstream["logps"], columns=[*KEYS, "model", "span", "n_tokens", "logp_sum", "logp_mean"]
     )
+    think = logps.filter(pl.col("span") == "think").group_by(KEYS).agg(pl.col("n_tokens").n_unique())
+    if think["n_tokens"].max() != 1:  # some think spans differ in length between models: needs the lists
+        logps = read_stage(upstream["logps"])
+    out = weights(samples, logps, verdicts, read_stage(upstream["problems"]), conf.weights)
     store.write_shard(0, out)
     return finish_stage(store, round_, rows_in=samples.height, summary=summarize(out))

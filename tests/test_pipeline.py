@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = ["problems", "posterior_samples", "logps", "rollouts", "verdicts", "weights", "train", "eval"]
-STAGES = ["ingest", "sample_posterior", "score", "rollouts", "verify", "weights", "select", "evaluate"]
+STAGES = ["ingest", "sample_posterior", "score", "answer_rollouts", "verify", "weights", "select", "evaluate"]
 STAGE_OF = dict(zip(TABLES, STAGES, strict=True))
 
 
@@ -118,8 +118,8 @@ def test_kill_inside_sharded_stage_then_resume(run_a: Path, tmp_path: Path) -> N
         deadline = time.time() + 1200
         killed_in = None
         while time.time() < deadline and proc.poll() is None:
-            shards = list((root / "tiny" / "rollouts").glob("*/part-*.parquet"))
-            if shards and not list((root / "tiny" / "rollouts").glob("*/manifest.json")):
+            shards = list((root / "tiny" / "answer_rollouts").glob("*/part-*.parquet"))
+            if shards and not list((root / "tiny" / "answer_rollouts").glob("*/manifest.json")):
                 os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the flow and vLLM's engine processes
                 killed_in = sorted(p.name for p in shards)
                 break
@@ -127,7 +127,7 @@ def test_kill_inside_sharded_stage_then_resume(run_a: Path, tmp_path: Path) -> N
         proc.wait(timeout=60)
     assert killed_in, "the run ended before a rollouts shard was written; nothing was killed"
     before = snapshot(root)
-    assert not any(k.startswith("rollouts/") and k.endswith("manifest.json") for k in before)
+    assert not any(k.startswith("answer_rollouts/") and k.endswith("manifest.json") for k in before)
 
     rerun = run_tiny(root)
     after = snapshot(root)
@@ -152,13 +152,12 @@ def test_changing_estimator_recomputes_only_below_weights(run_a: Path) -> None:
     changed = {name for name in after_fp if after_fp[name] != before_fp.get(name)}
     assert changed == {"weights", "select", "final_sft"}, f"recomputed: {sorted(changed)}"
     for name in [
-        "problems",
+        "ingest",
         "finetune_pi_theta0",
         "finetune_q_phi",
-        "posterior_samples",
-        "logps",
-        "rollouts",
-        "verdicts",
+        "sample_posterior",
+        "score",
+        "answer_rollouts",
     ]:
         assert name not in changed, f"{name} was recomputed by an estimator change"
     after_files = snapshot(run_a)
@@ -168,16 +167,15 @@ def test_changing_estimator_recomputes_only_below_weights(run_a: Path) -> None:
 def test_two_em_rounds(run_a: Path) -> None:
     run_tiny(run_a, "rounds=2", "eval.enabled=false")
     st = stages(run_a)
-    for name in [
-        "prior_samples",
-        "prior_verdicts",
-        "posterior_samples",
-        "logps",
-        "rollouts",
-        "weights",
-        "train",
-        "final_sft",
-    ]:
+    round_two = [
+        "sample_prior",
+        "verify_prior",
+        "finetune_q_phi",
+        "sample_posterior",
+        "score",
+        "answer_rollouts",
+    ]
+    for name in [*round_two, "verify", "weights", "select", "final_sft"]:
         assert "2" in st[name], f"round 2 of {name} missing: {st.get(name)}"
     samples2 = table(run_a, "posterior_samples", "2")
     assert samples2["round"].unique().to_list() == [2]

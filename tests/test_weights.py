@@ -395,10 +395,17 @@ def test_weights_core_scores_each_round_separately(stage_inputs):
     again = {k: s[k].with_columns(round=pl.lit(2, pl.Int64)) for k in ("posterior_samples", "logps")}
     # round 2: sample (0, 1) gets a far better think ratio, so it wins there (accuracy from the shared verdicts
     # is 0 for it, so use gml)
-    again["logps"] = again["logps"].with_columns(
-        token_logps=pl.when((pl.col("sample_idx") == 1) & (pl.col("model") == "q_phi"))
-        .then(pl.lit([-9.0, -9.0], pl.List(pl.Float32)))
-        .otherwise("token_logps")
+    again["logps"] = (
+        again["logps"]
+        .with_columns(
+            token_logps=pl.when((pl.col("sample_idx") == 1) & (pl.col("model") == "q_phi"))
+            .then(pl.lit([-9.0, -9.0], pl.List(pl.Float32)))
+            .otherwise("token_logps")
+        )
+        .with_columns(
+            logp_sum=pl.col("token_logps").list.sum().cast(s["logps"]["logp_sum"].dtype),
+            n_tokens=pl.col("token_logps").list.len().cast(s["logps"]["n_tokens"].dtype),
+        )
     )
     out = weights(
         pl.concat([again["posterior_samples"], s["posterior_samples"]]),

@@ -25,6 +25,7 @@ def _prefect_env(data_root: str) -> None:
         "PREFECT_LOCAL_STORAGE_PATH", str(Path(data_root).resolve() / ".prefect" / "results")
     )
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here; avoids log noise
 
 
 def cmd_run(args: argparse.Namespace) -> int:

