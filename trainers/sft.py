@@ -257,12 +257,15 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir: Path, step: int, log
 
 
 # ---------------------------------------------------------------- the loop
-def _accelerator():
+def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available()
-    # `accelerate launch` sets the precision from its config file; a plain run picks bf16 on GPU, fp32 on CPU
-    precision = None if "ACCELERATE_MIXED_PRECISION" in os.environ else ("bf16" if cuda else "no")
+    # `accelerate launch` sets the precision from its config file; a plain run follows cfg.mixed_precision
+    # (auto: bf16 autocast on GPU, fp32 on CPU; bf16 on a CPU with AMX measured 1.6x faster per step)
+    auto = "bf16" if cuda else "no"
+    chosen = auto if cfg.mixed_precision == "auto" else cfg.mixed_precision
+    precision = None if "ACCELERATE_MIXED_PRECISION" in os.environ else chosen
     return Accelerator(cpu=not cuda, mixed_precision=precision)
 
 
@@ -302,7 +305,7 @@ def train(
     if (out_dir / METRICS).exists():
         return json.loads((out_dir / METRICS).read_text())
     t_start = time.time()
-    accelerator = _accelerator()
+    accelerator = _accelerator(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = tokenize_examples(tokenizer, examples, cfg)
     kept = [e for e in data if e.n_response > 0]

@@ -40,6 +40,9 @@ class TrainConfig(Strict):
     seed: int = 42
     save_steps: int = Field(0, ge=0, description="checkpoint every N optimizer steps (0: each epoch end)")
     attn_implementation: Literal["auto", "sdpa", "flex_attention", "eager"] = "auto"
+    mixed_precision: Literal["auto", "bf16", "no"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU (weights stay fp32 either way)"
+    )
 
 
 class SamplingConfig(Strict):
