@@ -110,7 +110,7 @@ def test_tiny_end_to_end(run_a: Path) -> None:
 def test_kill_inside_sharded_stage_then_resume(run_a: Path, tmp_path: Path) -> None:
     root = tmp_path / "run-b"
     root.mkdir()
-    cmd = _cli(root, "run", "tiny", "--data-root", str(root))
+    cmd = _cli(root, "run", "tiny", "--data-root", str(root), "--set", "eval.enabled=false")
     with open(root / "killed-log.txt", "w") as log:
         proc = subprocess.Popen(
             cmd, cwd=REPO, env=_env(root), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -129,7 +129,7 @@ def test_kill_inside_sharded_stage_then_resume(run_a: Path, tmp_path: Path) -> N
     before = snapshot(root)
     assert not any(k.startswith("answer_rollouts/") and k.endswith("manifest.json") for k in before)
 
-    rerun = run_tiny(root)
+    rerun = run_tiny(root, "eval.enabled=false")
     after = snapshot(root)
     rewritten = [k for k, mtime in before.items() if after.get(k) != mtime]
     assert not rewritten, f"finished stages/shards were recomputed: {rewritten}"
