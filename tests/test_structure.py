@@ -20,7 +20,7 @@ TESTED_BY = {
     "cli": "test_cli.py",
     "stage": "test_store.py",
     "report": "test_report.py",
-    "variational": "test_pipeline.py",
+    "recipe": "test_pipeline.py",
 }
 
 

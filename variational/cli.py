@@ -36,7 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"data_root={args.data_root}")
     cfg = load_config(args.config, overrides)  # fail fast, before Prefect starts
     _prefect_env(cfg.data_root)
-    from flows.variational import variational
+    from flows.recipe import variational
 
     result = variational(config=str(args.config), overrides=overrides)
     print(f"run {cfg.name!r} finished; tables under {Path(cfg.data_root) / cfg.name}")
@@ -49,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _prefect_env(args.data_root or "data")
     from prefect import serve
 
-    from flows.variational import variational
+    from flows.recipe import variational
 
     deployments = [
         variational.to_deployment(

@@ -1,4 +1,6 @@
 """The `variational` flow: the recipe of method.md as one Prefect flow; it reads as the DAG of design.md.
+(The file is not named variational.py: Prefect puts flows/ on sys.path to load a deployment's entrypoint,
+and such a file would shadow the `variational` package.)
 
 Every stage is a cached task keyed by its fingerprint (never the run id), so a new run of the same config
 reuses every finished stage and shard, and a changed field recomputes only what depends on it.
