@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import polars as pl
@@ -105,6 +106,48 @@ def test_tiny_end_to_end(run_a: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert (run_a / "tiny" / "report" / "report.md").exists()
+
+
+def test_deployment_run_through_a_prefect_server(run_a: Path) -> None:
+    """`prefect server start` + `variational serve tiny` + `prefect deployment run variational/tiny`: the served
+    flow run finishes and, pointed at run A's data root, reuses every stage (nothing recomputed)."""
+    env = _env(run_a) | {"PREFECT_API_URL": "http://127.0.0.1:4277/api", "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    before = snapshot(run_a)
+    server = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", "4277"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    serve = None
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen("http://127.0.0.1:4277/api/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        serve = subprocess.Popen(
+            _cli(run_a, "serve", "tiny", "--data-root", str(run_a)), cwd=REPO, env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        overrides = json.dumps([f"data_root={run_a}"])
+        for _ in range(60):  # the deployment exists once `serve` has registered it
+            run = subprocess.run(
+                [prefect, "deployment", "run", "variational/tiny", "--param", f"overrides={overrides}", "--watch"],
+                env=env, capture_output=True, text=True, timeout=900,
+            )  # fmt: skip
+            if "not found" not in (run.stdout + run.stderr).lower():
+                break
+            time.sleep(2)
+        assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    finally:
+        for proc in (serve, server):
+            if proc is not None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=60)
+    after = snapshot(run_a)
+    assert all(after.get(k) == v for k, v in before.items()), "the deployment run recomputed finished stages"
 
 
 def test_kill_inside_sharded_stage_then_resume(run_a: Path, tmp_path: Path) -> None:
