@@ -2,70 +2,80 @@
 (The file is not named variational.py: Prefect puts flows/ on sys.path to load a deployment's entrypoint,
 and such a file would shadow the `variational` package.)
 
-Every stage is a cached task keyed by its fingerprint (never the run id), so a new run of the same config
-reuses every finished stage and shard, and a changed field recomputes only what depends on it.
-Rounds (`rounds: T`, Algorithm 1): round 1 is the paper's recipe; in round t > 1 q_phi is updated by
-forward KL (Eq.9) on traces sampled from the round t-1 policy, and that policy takes the place of pi_theta0.
+Each `run(STAGE, cfg, **inputs)` is one Prefect task that reuses the stage when its fingerprint's folder is
+complete and computes it otherwise (variational/runner.py). Rounds (`rounds: T`, Algorithm 1): round 1 is
+the paper's recipe; in round t > 1 q_phi is updated by forward KL (Eq.9) on traces sampled from the round
+t-1 policy, and that policy takes the place of pi_theta0.
 """
 
 from __future__ import annotations
 
 from prefect import flow
 
-from tasks.base_model import base_model_task
-from tasks.evaluate import evaluate_task
-from tasks.finetune import final_sft_task, finetune_pi_theta0_task, finetune_q_phi_task
-from tasks.ingest import ingest_task
-from tasks.report import report_task
-from tasks.rollouts import rollouts_task
-from tasks.sample_posterior import sample_posterior_task
-from tasks.sample_prior import sample_prior_task
-from tasks.score import score_task
-from tasks.select import select_task
-from tasks.verify import verify_prior_task, verify_task
-from tasks.weights import weights_task
-from variational.config import load_config
+from tasks.base_model import BASE_MODEL
+from tasks.evaluate import EVAL
+from tasks.finetune import PI_THETA, PI_THETA0, Q_PHI
+from tasks.ingest import PROBLEMS
+from tasks.rollouts import ROLLOUTS
+from tasks.sample_posterior import POSTERIOR_SAMPLES
+from tasks.sample_prior import PRIOR_SAMPLES
+from tasks.score import LOGPS
+from tasks.select import TRAIN
+from tasks.verify import PRIOR_VERDICTS, VERDICTS
+from tasks.weights import WEIGHTS
+from variational.runner import Ref, report, run, start_run
 
 
-def fit_posterior(
-    cfg: dict, problems: dict, policy: dict, init: dict | None, r: int, done: list[dict]
-) -> dict:
+def fit_posterior(cfg: dict, problems: Ref, base: Ref, policy: Ref, init: Ref | None, r: int) -> Ref:
     """q_phi: hinted SFT on the reference traces (paper's practice), or Eq.9 on traces sampled from `policy`."""
     if cfg["posterior_objective"] == "hinted_sft" and init is None:
-        q_phi = finetune_q_phi_task(cfg, {"problems": problems}, r)
-    else:
-        prior = sample_prior_task(cfg, {"problems": problems, "policy": policy}, r)
-        prior_verdicts = verify_prior_task(cfg, {"prior_samples": prior, "problems": problems}, r)
-        upstream = {"problems": problems, "prior_samples": prior, "prior_verdicts": prior_verdicts}
-        q_phi = finetune_q_phi_task(cfg, upstream | ({"init": init} if init else {}), r)
-        done += [prior, prior_verdicts]
-    done.append(q_phi)
-    return q_phi
+        return run(Q_PHI, cfg, r, problems=problems, base_model=base)
+    prior = run(PRIOR_SAMPLES, cfg, r, problems=problems, policy=policy)
+    prior_verdicts = run(PRIOR_VERDICTS, cfg, r, prior_samples=prior, problems=problems)
+    return run(
+        Q_PHI,
+        cfg,
+        r,
+        problems=problems,
+        prior_samples=prior,
+        prior_verdicts=prior_verdicts,
+        base_model=base,
+        init=init,
+    )
 
 
 @flow(name="variational", log_prints=True)
 def variational(config: str = "configs/tiny.yaml", overrides: list[str] | None = None) -> dict:
-    cfg = load_config(config, overrides or []).model_dump(mode="json")
-    problems = ingest_task(cfg, {})
-    base = base_model_task(cfg)
-    pi_theta0 = finetune_pi_theta0_task(cfg, {"problems": problems})
-    done = [problems, pi_theta0]
-    q_phi = fit_posterior(cfg, problems, pi_theta0, None, 1, done)
+    cfg = start_run(config, overrides)
+    problems = run(PROBLEMS, cfg)
+    base = run(BASE_MODEL, cfg)
+    pi_theta0 = run(PI_THETA0, cfg, problems=problems, base_model=base)
+    q_phi = fit_posterior(cfg, problems, base, pi_theta0, None, 1)
     policy = pi_theta = pi_theta0
     for r in range(1, cfg["rounds"] + 1):
         if r > 1:  # EM: the last policy scores and answers; q_phi follows it by forward KL
             policy = pi_theta
-            q_phi = fit_posterior(cfg, problems, policy, q_phi, r, done)
-        samples = sample_posterior_task(cfg, {"problems": problems, "q_phi": q_phi}, r)
-        scored = {"problems": problems, "posterior_samples": samples}
-        logps = score_task(cfg, scored | {"pi_theta0": policy, "q_phi": q_phi}, r)
-        rollouts = rollouts_task(cfg, scored | {"pi_theta0": policy}, r)
-        verdicts = verify_task(cfg, {"rollouts": rollouts, "problems": problems}, r)
-        weights = weights_task(cfg, scored | {"logps": logps, "verdicts": verdicts}, r)
-        train = select_task(cfg, scored | {"weights": weights, "rollouts": rollouts, "verdicts": verdicts}, r)
-        pi_theta = final_sft_task(cfg, {"train": train} | ({"init": pi_theta} if r > 1 else {}), r)
-        done += [samples, logps, rollouts, verdicts, weights, train, pi_theta]
+            q_phi = fit_posterior(cfg, problems, base, policy, q_phi, r)
+        samples = run(POSTERIOR_SAMPLES, cfg, r, problems=problems, q_phi=q_phi)
+        logps = run(
+            LOGPS, cfg, r, problems=problems, posterior_samples=samples, pi_theta0=policy, q_phi=q_phi
+        )
+        rollouts = run(ROLLOUTS, cfg, r, problems=problems, posterior_samples=samples, pi_theta0=policy)
+        verdicts = run(VERDICTS, cfg, r, rollouts=rollouts, problems=problems)
+        weights = run(
+            WEIGHTS, cfg, r, problems=problems, posterior_samples=samples, logps=logps, verdicts=verdicts
+        )
+        train = run(
+            TRAIN,
+            cfg,
+            r,
+            problems=problems,
+            weights=weights,
+            posterior_samples=samples,
+            rollouts=rollouts,
+            verdicts=verdicts,
+        )
+        pi_theta = run(PI_THETA, cfg, r, train=train, base_model=base, init=pi_theta if r > 1 else None)
     if cfg["eval"]["enabled"]:
-        done.append(evaluate_task(cfg, {"base": base, "pi_theta0": pi_theta0, "pi_theta": pi_theta}))
-    report = report_task(cfg, done)
-    return {"pi_theta": pi_theta, "train": train, "report": report}
+        run(EVAL, cfg, base_model=base, pi_theta0=pi_theta0, pi_theta=pi_theta)
+    return {"pi_theta": pi_theta, "train": train, "report": report(cfg)}

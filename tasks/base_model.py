@@ -1,33 +1,19 @@
-"""The base model stage: resolve `cfg.base_model` to a local Hugging Face folder (prepare the embedded one).
+"""Stage `base_model`: resolve `base_model` to a local Hugging Face folder (preparing the embedded one).
 
-No table; its manifest (`model_dir`, fingerprint of the model identity) is what the finetune and evaluate
-stages take as upstream. Cheap and idempotent, so it is never cached.
+No table: its ref (`model_dir`, a fingerprint of the model's identity) is what the fine-tunes start from and
+what `eval` evaluates as "base". Cheap and idempotent, so it resolves every run.
 """
 
 from __future__ import annotations
 
-from prefect import task
-
 from variational import models
-from variational.stage import logger
-from variational.store import code_version, fingerprint
+from variational.runner import Stage
 
-
-def fingerprint_of(cfg: dict, upstream: dict[str, dict] | None = None, round_: int = 1) -> str:
-    return fingerprint(
-        "base_model",
-        code=code_version(models),
-        config={"base_model": models.model_identity(cfg["base_model"])},
-    )
-
-
-@task(name="base_model")
-def base_model_task(cfg: dict, upstream: dict[str, dict] | None = None, round_: int = 1) -> dict:
-    model_dir = models.resolve_model(cfg["base_model"])
-    logger().info("base model %s -> %s", cfg["base_model"], model_dir)
-    return {
-        "stage": "base_model",
-        "fingerprint": fingerprint_of(cfg),
-        "model_dir": model_dir,
-        "path": model_dir,
-    }
+BASE_MODEL = Stage(
+    name="base_model",
+    fields=("base_model",),
+    code=("variational.models",),
+    resolve=lambda i: models.resolve_model(i.conf.base_model),
+    identity=lambda i: {"model": models.model_identity(i.conf.base_model)},
+    per_round=False,
+)

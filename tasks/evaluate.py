@@ -1,273 +1,115 @@
-"""evaluate: benchmarks -> k samples per problem from each model -> math-verify -> `eval` table + summary.
+"""evaluate: benchmarks -> k samples per problem from each model -> each benchmark's grader -> `eval` + summary.
 
 In:  model manifests under upstream keys "base", "pi_theta0", "pi_theta" (each with "model_dir"), and
-     cfg.eval.benchmarks (embedded:<name>, a local .jsonl/.parquet file or folder, or a hub id).
+     cfg.eval.benchmarks (embedded:<name>, a local .jsonl/.parquet file or folder, or a hub id), loaded and
+     prompted by variational.benchmarks as the paper's harness does (SkyThought 0d190f1).
 Out: the `eval` table, one shard per model (shard i = i-th evaluated model, so a crash while evaluating the
      third model keeps the first two), columns model, benchmark, problem_id, sample, text, n_tokens,
      finish_reason, extracted, correct, status; and `summary.parquet` beside the shards (one row per
-     model x benchmark: n_problems, k, avg_at_k, pass@1, pass@2, ... in WIDE format, null where a
-     benchmark has fewer samples than that k), rendered as the markdown artifact comparing the models.
-Metrics (method.md §6): Avg@k = mean accuracy over all k samples of a problem, averaged over problems;
-Pass@k = the unbiased estimator of Chen et al. 2021 on the same samples.
+     model x benchmark: n_problems, k, avg_at_k, its 95% bootstrap interval, pass@1, pass@2, ... in WIDE
+     format, null where a benchmark has fewer samples than that k), rendered as the markdown artifact
+     comparing the models, with the paper's table (Math avg / Other avg beside its 4B numbers).
+Graders (grade_samples): math -> math-verify, mmlu_pro / gpqa -> the chosen letter, code -> the tests.
+Metrics and summary tables (avg@k, its interval, pass@k, the paper's table): variational/metrics.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import polars as pl
 
-import variational
 from tasks import verify  # math_verify itself is imported only in its worker processes
-from variational import sampling, templates
-from variational.config import BenchmarkConfig, EvalConfig, RunConfig
+from variational import benchmarks, templates
+from variational.benchmarks import benchmark_hash, load_benchmark  # noqa: F401  (the task uses them)
+from variational.config import EngineConfig, EvalConfig, VerifyConfig
+from variational.metrics import MODELS, summarize, summary_markdown  # noqa: F401
+from variational.runner import Engine, Inputs, Stage, logger
 from variational.sampling import Sampler, request_seed
-from variational.stage import finish_stage, logger, open_store, reuse_stage, stage_task
-from variational.store import code_version, fingerprint, write_parquet_atomic
 
-# store folder and task name; the DuckDB view is `eval` (variational.sqlview.TABLE_OF). stage_task's cache
-# check looks for <run>/<task name>/<fp>/manifest.json, so the two names must be the same.
-STAGE = "evaluate"
-MODELS = ("base", "pi_theta0", "pi_theta")
-EMBEDDED_EVAL_DIR = Path(variational.__file__).resolve().parent / "data" / "eval"
 KEY = ["model", "benchmark", "problem_id", "sample"]
-# Column names seen in public math benchmarks (MATH-500, AIME, OlympiadBench, GSM8K, NuminaMath ...),
-# tried in this order; `solution` is a last resort for gold (its last \boxed{} or text after ####).
-ID_COLUMNS = ("id", "problem_id", "unique_id", "idx", "question_id", "ID")
-PROBLEM_COLUMNS = ("problem", "question", "Problem", "Question", "prompt")
-GOLD_COLUMNS = ("answer", "final_answer", "expected_answer", "gold", "ground_truth", "Answer")
-SOLUTION_COLUMNS = ("solution", "Solution")
-
-
-# ---------------------------------------------------------------- metrics (pure)
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k = 1 - C(n-c, k) / C(n, k) for n samples of which c are correct.
-
-    Product form 1 - prod_{i=n-c+1}^{n} (1 - k/i): no huge binomials, stable for n in the thousands."""
-    if not (0 <= c <= n and 1 <= k <= n):
-        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
-    if n - c < k:  # every k-subset holds a correct sample
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
-def powers_of_two(k: int) -> list[int]:
-    return [2**e for e in range(int(math.log2(k)) + 1)] if k >= 1 else []
-
-
-def summarize(eval_rows: pl.DataFrame, ks: list[int] | None = None) -> pl.DataFrame:
-    """Per (model, benchmark): n_problems, k, avg_at_k, pass@1, pass@2, ... (wide, fractions in [0, 1]).
-
-    k = samples per problem (the smallest count when problems differ); `ks` default: the powers of two
-    <= k of each benchmark; a pass@j column is null for a benchmark with k < j. Rows whose status is
-    `gold_unparsable` are skipped (their samples counted in n_skipped): a gold that does not parse says nothing about the
-    model (open-r1 does the same). Input columns: model, benchmark, problem_id, sample, correct[, status]."""
-    skip = pl.col("status") == "gold_unparsable" if "status" in eval_rows.columns else pl.lit(False)
-    per_problem = (
-        eval_rows.with_columns(skip=skip)
-        .group_by("model", "benchmark", "problem_id")
-        .agg(
-            n=(~pl.col("skip")).sum().cast(pl.Int64),
-            c=(pl.col("correct").fill_null(False) & ~pl.col("skip")).sum().cast(pl.Int64),
-            n_skipped=pl.col("skip").sum().cast(pl.Int64),
-        )
-    )
-    out: list[dict[str, Any]] = []
-    all_ks: set[int] = set()
-    for (model, bench), grp in per_problem.sort("model", "benchmark").group_by(
-        "model", "benchmark", maintain_order=True
-    ):
-        scored = grp.filter(pl.col("n") > 0)
-        k = int(scored["n"].min()) if scored.height else 0
-        row: dict[str, Any] = {
-            "model": model,
-            "benchmark": bench,
-            "n_problems": scored.height,
-            "n_skipped": int(grp["n_skipped"].sum()),
-            "k": k,
-            "avg_at_k": float((scored["c"] / scored["n"]).mean()) if scored.height else None,
-        }
-        for j in ks if ks is not None else powers_of_two(k):
-            all_ks.add(j)
-            if 1 <= j <= k:
-                pairs = zip(scored["n"].to_list(), scored["c"].to_list(), strict=True)
-                row[f"pass@{j}"] = sum(pass_at_k(n, c, j) for n, c in pairs) / scored.height
-        out.append(row)
-    schema: dict[str, Any] = {
-        "model": pl.String,
-        "benchmark": pl.String,
-        "n_problems": pl.Int64,
-        "n_skipped": pl.Int64,
-        "k": pl.Int64,
-        "avg_at_k": pl.Float64,
-    } | {f"pass@{j}": pl.Float64 for j in sorted(all_ks)}
-    return pl.DataFrame([{c: r.get(c) for c in schema} for r in out], schema=schema)
-
-
-def summary_markdown(summary: pl.DataFrame, models: list[str] | None = None) -> str:
-    """One row per benchmark x metric, one column per model (base | pi_theta0 | pi_theta), in percent."""
-    if summary.is_empty():
-        return "_no eval rows_\n"
-    present = summary["model"].unique().to_list()
-    cols = [m for m in (models or list(MODELS)) if m in present] + sorted(
-        m for m in present if m not in (models or MODELS)
-    )
-    metrics = ["avg_at_k"] + [c for c in summary.columns if c.startswith("pass@")]
-    lines = ["| benchmark | n | metric | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
-    for bench in summary["benchmark"].unique(maintain_order=True).to_list():
-        sub = summary.filter(pl.col("benchmark") == bench)
-        by_model = {r["model"]: r for r in sub.iter_rows(named=True)}
-        n = int(sub["n_problems"].max())
-        k = int(sub["k"].max())
-        for metric in metrics:
-            vals = [by_model.get(m, {}).get(metric) for m in cols]
-            if all(v is None for v in vals):
-                continue
-            name = f"avg@{k}" if metric == "avg_at_k" else metric
-            cells = " | ".join("—" if v is None else f"{100 * v:.1f}" for v in vals)
-            lines.append(f"| {bench} | {n} | {name} | {cells} |")
-    return "\n".join(lines) + "\n\nValues in %. avg@k = mean accuracy over the k samples per problem.\n"
-
-
-# ---------------------------------------------------------------- benchmarks
-
-
-def benchmark_file(spec: BenchmarkConfig) -> Path | None:
-    """The local file or folder behind a benchmark spec; None for a hub id."""
-    path = spec.path
-    if path.startswith("embedded:"):
-        name = path.removeprefix("embedded:")
-        file = EMBEDDED_EVAL_DIR / f"{name}.jsonl"
-        if not file.exists():
-            have = sorted(p.stem for p in EMBEDDED_EVAL_DIR.glob("*.jsonl"))
-            raise FileNotFoundError(f"no embedded benchmark {name!r} in {EMBEDDED_EVAL_DIR}; have {have}")
-        return file
-    local = Path(path).expanduser()
-    if local.exists():
-        return local
-    if local.suffix in (".jsonl", ".json", ".parquet"):
-        raise FileNotFoundError(f"benchmark file {path!r} does not exist")
-    return None
-
-
-def _as_golds(value: Any) -> list[str]:
-    """An answer field (str, number, list, 'text #### 18', '... \\boxed{x}') -> accepted answer strings."""
-    if value is None:
-        return []
-    if isinstance(value, list | tuple):
-        return [g for v in value for g in _as_golds(v)]
-    if isinstance(value, float) and value.is_integer():
-        return [str(int(value))]
-    text = str(value).strip()
-    if "####" in text:  # GSM8K: the final answer follows the last ####
-        text = text.rsplit("####", 1)[1].strip().replace(",", "")
-    boxed = templates.last_boxed(text)
-    if boxed is not None:
-        text = boxed.strip()
-    return [text] if text else []
-
-
-def normalize_benchmark(rows: list[dict[str, Any]], name: str) -> pl.DataFrame:
-    """Raw benchmark records -> problem_id (str), problem, gold (list[str]); names the bad rows on error."""
-    if not rows:
-        raise ValueError(f"benchmark {name!r} is empty")
-    fields = set().union(*(r.keys() for r in rows[:50]))
-
-    def pick(options: tuple[str, ...]) -> str | None:
-        return next((c for c in options if c in fields), None)
-
-    id_col, problem_col = pick(ID_COLUMNS), pick(PROBLEM_COLUMNS)
-    gold_cols = [c for c in GOLD_COLUMNS + SOLUTION_COLUMNS if c in fields]
-    if problem_col is None or not gold_cols:
-        raise ValueError(
-            f"benchmark {name!r}: need a problem column {PROBLEM_COLUMNS} and an answer column "
-            f"{GOLD_COLUMNS + SOLUTION_COLUMNS}; found {sorted(fields)}"
-        )
-    out, missing = [], []
-    for i, r in enumerate(rows):
-        pid = str(r[id_col]) if id_col and r.get(id_col) is not None else str(i)
-        gold = next((g for c in gold_cols if (g := _as_golds(r.get(c)))), [])
-        if not gold:
-            missing.append(pid)
-        out.append({"problem_id": pid, "problem": str(r[problem_col]), "gold": list(dict.fromkeys(gold))})
-    if missing:
-        raise ValueError(
-            f"benchmark {name!r}: {len(missing)} rows without a gold answer in {gold_cols} "
-            f"(first: {missing[:5]}); fix the file or pick another answer column"
-        )
-    df = pl.DataFrame(out, schema={"problem_id": pl.String, "problem": pl.String, "gold": pl.List(pl.String)})
-    if df["problem_id"].n_unique() != df.height:
-        raise ValueError(f"benchmark {name!r}: duplicate problem ids in column {id_col!r}")
-    return df
-
-
-def _hub_rows(hub_id: str) -> list[dict[str, Any]]:
-    import datasets  # heavy; only for hub ids and dataset folders
-
-    ds = datasets.load_dataset(hub_id)
-    split = "test" if "test" in ds else next(iter(ds))
-    return ds[split].to_list()
-
-
-def load_benchmark(name: str, spec: BenchmarkConfig) -> pl.DataFrame:
-    """embedded:<name> | local .jsonl/.json/.parquet | dataset folder or hub id (split 'test' else the
-    first) -> problem_id, problem, gold (list[str]); the first `spec.limit` rows."""
-    file = benchmark_file(spec)
-    if file is None or file.is_dir():
-        rows = _hub_rows(spec.path if file is None else str(file))
-    elif file.suffix == ".parquet":
-        rows = pl.read_parquet(file).to_dicts()
-    else:  # json lines; read row by row because answer fields mix strings and numbers
-        with file.open() as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-    if spec.limit is not None:
-        rows = rows[: spec.limit]
-    return normalize_benchmark(rows, name)
-
-
-def benchmark_hash(spec: BenchmarkConfig) -> str:
-    """Content hash of a local benchmark (file or folder); the hub id itself for a hub dataset."""
-    file = benchmark_file(spec)
-    if file is None:
-        return f"hub:{spec.path}"
-    h = hashlib.sha256()
-    for f in sorted(file.rglob("*")) if file.is_dir() else [file]:
-        if f.is_file():
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- stage core (pure)
 
 
 def build_eval_requests(benchmarks: dict[str, pl.DataFrame], cfg: EvalConfig) -> pl.DataFrame:
-    """benchmark -> problems frames -> one request per problem: request_idx (stable, used for seeds),
-    benchmark, problem_id, prompt (the pi_theta template), gold, k."""
+    """benchmark -> problems frames (variational.benchmarks.load_benchmark) -> one request per problem:
+    request_idx (stable, used for seeds), benchmark, problem_id, prompt (the pi_theta template around the
+    harness's user message), grader, gold, tests, k."""
     frames = []
     for name, df in benchmarks.items():
         if name not in cfg.benchmarks:
             raise ValueError(f"benchmark {name!r} is not in eval.benchmarks {list(cfg.benchmarks)}")
+        spec = cfg.benchmarks[name]
         frames.append(
             df.select(
                 pl.lit(name).alias("benchmark"),
                 pl.col("problem_id").cast(pl.String),
-                pl.col("problem").map_elements(templates.pi_prompt, return_dtype=pl.String).alias("prompt"),
-                pl.col("gold"),
-                pl.lit(cfg.benchmarks[name].k, dtype=pl.Int64).alias("k"),
+                pl.col("user").map_elements(templates.pi_prompt, return_dtype=pl.String).alias("prompt"),
+                pl.lit(spec.grader).alias("grader"),
+                pl.col("gold").cast(pl.List(pl.String)),
+                (pl.col("tests") if "tests" in df.columns else pl.lit(None)).cast(pl.String).alias("tests"),
+                pl.lit(spec.k, dtype=pl.Int64).alias("k"),
             )
         )
     if not frames:
         raise ValueError("eval.benchmarks is empty: add at least one benchmark to the config")
     return pl.concat(frames).with_row_index("request_idx").with_columns(pl.col("request_idx").cast(pl.Int64))
+
+
+def eval_engine_config(engine: EngineConfig, cfg: EvalConfig) -> EngineConfig:
+    """The engine settings for evaluation: `eval.dtype` (the paper evaluates in float32) over engine.dtype."""
+    return engine if cfg.dtype is None else engine.model_copy(update={"dtype": cfg.dtype})
+
+
+def _grade_choices(rows: pl.DataFrame) -> pl.DataFrame:
+    extracted = [
+        benchmarks.extract_choice(text, benchmarks.LETTERS[grader])
+        for text, grader in zip(rows["text"].to_list(), rows["grader"].to_list(), strict=True)
+    ]
+    correct = [x is not None and x in gold for x, gold in zip(extracted, rows["gold"].to_list(), strict=True)]
+    status = [
+        "no_answer" if x is None else "ok" if ok else "wrong"
+        for x, ok in zip(extracted, correct, strict=True)
+    ]
+    return rows.select("__row").with_columns(
+        pl.Series("extracted", extracted, pl.String),
+        pl.Series("correct", correct, pl.Boolean),
+        pl.Series("status", status, pl.String),
+    )
+
+
+def grade_samples(samples: pl.DataFrame, cfg: VerifyConfig) -> pl.DataFrame:
+    """samples[text, grader, gold, tests, ...] -> the same rows + extracted, correct, status, each row by
+    its benchmark's grader: math -> verify.check_answers (math-verify), mmlu_pro / gpqa -> the chosen
+    letter (benchmarks.extract_choice), code -> verify.check_code on the APPS `input_output` tests."""
+    rows = samples.with_row_index("__row")
+    graders = set(rows["grader"].unique().to_list())
+    if unknown := graders - {"math", "mmlu_pro", "gpqa", "code"}:
+        raise ValueError(
+            f"grade_samples: unknown graders {sorted(unknown)}; use math, mmlu_pro, gpqa or code"
+        )
+    verdict_cols = ["__row", "extracted", "correct", "status"]
+    parts = []
+    math_rows = rows.filter(pl.col("grader") == "math")
+    if math_rows.height:
+        checked = verify.check_answers(math_rows.select("__row", "text", "gold"), cfg.timeout_s, cfg.workers)
+        parts.append(checked.select(verdict_cols))
+    choice_rows = rows.filter(pl.col("grader").is_in(["mmlu_pro", "gpqa"]))
+    if choice_rows.height:
+        parts.append(_grade_choices(choice_rows))
+    code_rows = rows.filter(pl.col("grader") == "code")
+    if code_rows.height:
+        checked = verify.check_code(
+            code_rows.select("__row", "text", "tests"),
+            timeout_s=cfg.code_timeout_s,
+            memory_mb=cfg.code_memory_mb,
+            workers=cfg.workers,
+        )
+        parts.append(checked.select(verdict_cols))
+    verdicts = pl.concat([p.cast({"extracted": pl.String}) for p in parts])
+    return rows.join(verdicts, on="__row", how="left").sort("__row").drop("__row")
 
 
 def score_eval(samples: pl.DataFrame, verdicts: pl.DataFrame) -> pl.DataFrame:
@@ -284,31 +126,7 @@ def score_eval(samples: pl.DataFrame, verdicts: pl.DataFrame) -> pl.DataFrame:
     return out.with_columns(pl.col("correct").cast(pl.Boolean)).sort(KEY)
 
 
-# ---------------------------------------------------------------- task
-
-
-def _modules() -> list[ModuleType]:
-    """This stage's code plus the helpers whose changes change its rows (prompts, engine, verifier)."""
-    return [sys.modules[__name__], templates, verify, sampling]
-
-
-def _model_id(manifest: dict) -> str:
-    # the lead passes the base model as a manifest with only model_dir; a trained model has a fingerprint
-    return manifest.get("fingerprint") or str(manifest["model_dir"])
-
-
-def fingerprint_of(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> str:
-    conf = RunConfig.model_validate(cfg)
-    return fingerprint(
-        STAGE,
-        code=code_version(*_modules()),
-        config={"eval": conf.eval, "engine": conf.engine, "verify_timeout_s": conf.verify.timeout_s},
-        upstream={m: _model_id(upstream[m]) for m in conf.eval.models if m in upstream},
-        benchmarks={name: benchmark_hash(spec) for name, spec in conf.eval.benchmarks.items()},
-        round=round_,
-    )
-
-
+# ---------------------------------------------------------------- generation
 def generate_samples(sampler: Any, requests: pl.DataFrame, model: str, cfg: EvalConfig) -> pl.DataFrame:
     """k completions per request (grouped by k: one engine call per distinct k, n=k, never k copies).
     Seeds: sampling.seed + a stable offset per request (sampling.request_seed of request_idx), so every
@@ -334,48 +152,60 @@ def generate_samples(sampler: Any, requests: pl.DataFrame, model: str, cfg: Eval
                         "text": comp.text,
                         "n_tokens": comp.n_tokens,
                         "finish_reason": comp.finish_reason,
+                        "grader": req["grader"],
                         "gold": req["gold"],
+                        "tests": req["tests"],
                     }
                 )
-    return pl.DataFrame(rows, schema_overrides={"gold": pl.List(pl.String), "sample": pl.Int64})
+    overrides = {"gold": pl.List(pl.String), "sample": pl.Int64, "tests": pl.String, "grader": pl.String}
+    return pl.DataFrame(rows, schema_overrides=overrides)
 
 
-@stage_task(STAGE, fingerprint_of)
-def evaluate_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict:
-    conf = RunConfig.model_validate(cfg)
-    store = open_store(cfg, STAGE, fingerprint_of(cfg, upstream, round_))
-    if store.is_complete():
-        return reuse_stage(store, round_)
-    log = logger()
-    models = [m for m in conf.eval.models if m in upstream]
+# ---------------------------------------------------------------- declaration
+UPSTREAM_OF = {"base": "base_model", "pi_theta0": "pi_theta0", "pi_theta": "pi_theta"}  # eval.models -> stage
+
+
+def _plan(i: Inputs) -> pl.DataFrame:
+    """One shard per model to evaluate (shard i = model i), so a finished model survives a crash."""
+    models = [m for m in i.conf.eval.models if i.has(UPSTREAM_OF[m])]
     if not models:
-        raise ValueError(f"evaluate: none of eval.models {conf.eval.models} in upstream {sorted(upstream)}")
-    if skipped := [m for m in conf.eval.models if m not in upstream]:
-        log.warning("evaluate: no upstream model for %s; skipping them", skipped)
-    benchmarks = {name: load_benchmark(name, spec) for name, spec in conf.eval.benchmarks.items()}
-    requests = build_eval_requests(benchmarks, conf.eval)
-    log.info("evaluate: %d problems over %s, models %s", requests.height, list(benchmarks), models)
+        raise ValueError(f"eval: none of eval.models {i.conf.eval.models} is upstream ({sorted(i.refs)})")
+    if skipped := [m for m in i.conf.eval.models if m not in models]:
+        logger().warning("eval: no upstream model for %s; skipping them", skipped)
+    return pl.DataFrame({"model": models})
 
-    for i, model in enumerate(models):
-        if store.has_shard(i):  # shard i = model i: finished models survive a crash
-            log.info("evaluate: %s already evaluated (shard %d)", model, i)
-            continue
-        with Sampler(upstream[model]["model_dir"], conf.engine) as sampler:
-            samples = generate_samples(sampler, requests, model, conf.eval)
-        verdicts = verify.check_answers(samples, timeout_s=conf.verify.timeout_s, workers=conf.verify.workers)
-        store.write_shard(i, score_eval(samples, verdicts))
-        log.info("evaluate: %s done, %d samples", model, samples.height)
 
-    summary = summarize(store.read())
-    summary_path = store.dir / "summary.parquet"
-    write_parquet_atomic(summary, summary_path)
-    md = summary_markdown(summary, list(conf.eval.models))
-    return finish_stage(
-        store,
-        round_,
-        rows_in=requests.height,
-        summary=md,
-        models=models,
-        summary_path=str(summary_path),
-        summary_markdown=md,
-    )
+def _shard(i: Inputs, engine: Engine, part: pl.DataFrame) -> pl.DataFrame:
+    model = part["model"][0]
+    benchmarks = {name: load_benchmark(name, spec) for name, spec in i.conf.eval.benchmarks.items()}
+    requests = build_eval_requests(benchmarks, i.conf.eval)
+    logger().info("eval: %s on %d problems of %s", model, requests.height, list(benchmarks))
+    with Sampler(i.model_dir(UPSTREAM_OF[model]), eval_engine_config(i.conf.engine, i.conf.eval)) as sampler:
+        samples = generate_samples(sampler, requests, model, i.conf.eval)
+    return score_eval(samples, grade_samples(samples, i.conf.verify))
+
+
+def _benchmarks(i: Inputs) -> dict:
+    return {"benchmarks": {name: benchmark_hash(spec) for name, spec in i.conf.eval.benchmarks.items()}}
+
+
+EVAL = Stage(
+    name="eval",
+    inputs=("base_model", "pi_theta0", "pi_theta"),
+    fields=("eval", "engine", "verify.timeout_s", "verify.code_timeout_s", "verify.code_memory_mb"),
+    uses=("verify",),
+    code=(
+        "variational.templates",
+        "tasks.verify",
+        "variational.sampling",
+        "variational.benchmarks",
+        "variational.metrics",
+    ),
+    plan=_plan,
+    shard=_shard,
+    identity=_benchmarks,
+    summary=lambda i, rows: summary_markdown(summarize(rows), list(i.conf.eval.models)),
+    side=lambda i, rows: {"summary": summarize(rows)},
+    per_round=False,
+    needs_gpu=True,
+)

@@ -1,8 +1,8 @@
-"""Stages `finetune_pi_theta0`, `finetune_q_phi`, `final_sft`: weighted SFT (trainers/sft.py) on three tables.
+"""Model stages `pi_theta0`, `q_phi`, `pi_theta` (the final SFT): weighted SFT (trainers/sft.py) on three tables.
 
-In:  upstream manifests: "problems" (pi_theta0; q_phi hinted), "prior_samples" + "prior_verdicts" (q_phi
-     when posterior_objective is forward_kl), "train" (final), optional "init" (a model manifest with
-     `model_dir` to start from, for EM rounds > 1; default: the base model).
+In:  upstream refs: "problems" (pi_theta0; q_phi hinted), "prior_samples" + "prior_verdicts" (q_phi
+     when posterior_objective is forward_kl), "train" (pi_theta), "base_model", optional "init" (the model
+     to start from in EM rounds > 1; default: the base model).
 Out: the examples each model trained on as the stage's Parquet shards (prompt_idx, prompt, response,
      weight, think_chars), the HF model folder `<stage dir>/model`, and a manifest with `model_dir` and the
      training metrics. The store folder is stable (it is named by the fingerprint), so a crash mid-training
@@ -20,21 +20,16 @@ Example builders (pure):
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import polars as pl
 
-import trainers.sft
-from trainers.sft import train
-from variational import models, templates
-from variational.config import RunConfig
-from variational.stage import finish_stage, logger, open_store, reuse_stage, stage_task
-from variational.store import code_version, fingerprint, read_stage
+from trainers.launch import run_training
+from variational import templates
+from variational.config import TrainConfig
+from variational.runner import Inputs, Stage, logger
 
-PI_THETA0, Q_PHI, FINAL = "finetune_pi_theta0", "finetune_q_phi", "final_sft"
-SECTION = {PI_THETA0: "pi_theta0", Q_PHI: "q_phi", FINAL: "final"}  # RunConfig training section per stage
-SHARD_ROWS = 4096
 EXAMPLES_SCHEMA = pl.Schema(
     {
         "prompt_idx": pl.Int64,
@@ -125,118 +120,75 @@ def final_examples(train_table: pl.DataFrame) -> pl.DataFrame:
     return df.select(pl.col(name).cast(dtype) for name, dtype in EXAMPLES_SCHEMA.items())
 
 
-# ---------------------------------------------------------------- fingerprints
-def _start_identity(cfg: dict, upstream: dict[str, dict]) -> str:
-    init = upstream.get("init")
-    if init:
-        return init.get("fingerprint") or str(init["model_dir"])
-    return models.model_identity(cfg["base_model"])
+# ---------------------------------------------------------------- declarations
+def start_model(i: Inputs) -> str:
+    """Where training starts: the previous round's model (`init`, EM rounds > 1) or the base model."""
+    return i.model_dir("init") if i.has("init") else i.model_dir("base_model")
 
 
-def _fingerprint(
-    stage: str, inputs: tuple[str, ...], cfg: dict, upstream: dict[str, dict], round_: int
-) -> str:
-    config = {"train": cfg[SECTION[stage]], "start_model": _start_identity(cfg, upstream)}
-    if stage == Q_PHI:
-        config |= {
-            "posterior_template": cfg["posterior_template"],
-            "objective": _q_phi_objective(cfg, upstream),
-        }
-    return fingerprint(
-        stage,
-        code=code_version(sys.modules[__name__], trainers.sft, templates),
-        config=config,
-        upstream={k: upstream[k]["fingerprint"] for k in inputs if k in upstream},
-        round=round_,
-    )
+def trainer(section: str) -> Callable[[Inputs, pl.DataFrame, Path], dict]:
+    """The `train` hook of a model stage: weighted SFT with the config section `section`."""
+
+    def run(i: Inputs, examples: pl.DataFrame, out_dir: Path) -> dict:
+        metrics = run_training(start_model(i), examples, getattr(i.conf, section), out_dir, log=logger())
+        summary = (
+            "| examples | steps | tokens | tokens/s | first loss | final loss |\n|---|---|---|---|---|---|\n"
+            f"| {examples.height} | {metrics['steps']} | {metrics['tokens']} | {metrics['tokens_per_s'] or 0:.0f} "
+            f"| {metrics['loss_curve'][0]:.4f} | {metrics['final_loss']:.4f} |\n"
+        )
+        return {"metrics": metrics, "summary": summary}
+
+    return run
 
 
-def _q_phi_objective(cfg: dict, upstream: dict[str, dict]) -> str:
-    # the flow sends prior samples only for forward KL (and for every round > 1, Algorithm 1)
-    return "forward_kl" if "prior_samples" in upstream else "hinted_sft"
-
-
-def fingerprint_pi_theta0(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> str:
-    return _fingerprint(PI_THETA0, ("problems",), cfg, upstream, round_)
-
-
-def fingerprint_q_phi(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> str:
-    return _fingerprint(Q_PHI, ("problems", "prior_samples", "prior_verdicts"), cfg, upstream, round_)
-
-
-def fingerprint_final(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> str:
-    return _fingerprint(FINAL, ("train",), cfg, upstream, round_)
-
-
-FINGERPRINTS = {PI_THETA0: fingerprint_pi_theta0, Q_PHI: fingerprint_q_phi, FINAL: fingerprint_final}
-
-
-# ---------------------------------------------------------------- the shared task body
-def finetune(
-    stage: str,
-    cfg: dict,
-    upstream: dict[str, dict],
-    round_: int,
-    build: Callable[[RunConfig, dict[str, dict]], pl.DataFrame],
-) -> dict:
-    """Open the store, reuse it when complete, else build the examples, persist them, train, finish."""
-    conf = RunConfig.model_validate(cfg)
-    store = open_store(cfg, stage, FINGERPRINTS[stage](cfg, upstream, round_))
-    if store.is_complete():
-        return reuse_stage(store, round_)
-    examples = build(conf, upstream)
-    if examples.is_empty():
-        raise ValueError(f"{stage}: no training examples (upstream {sorted(upstream)}); nothing to train on")
-    for i in range(0, examples.height, SHARD_ROWS):
-        if not store.has_shard(i // SHARD_ROWS):
-            store.write_shard(i // SHARD_ROWS, examples.slice(i, SHARD_ROWS))
-    init = upstream.get("init")
-    start = str(init["model_dir"]) if init else models.resolve_model(conf.base_model)
-    logger().info("%s: %d examples, from %s -> %s", stage, examples.height, start, store.model_dir)
-    metrics = train(start, examples, getattr(conf, SECTION[stage]), store.model_dir)
-    summary = (
-        "| examples | steps | tokens | tokens/s | first loss | final loss |\n|---|---|---|---|---|---|\n"
-        f"| {examples.height} | {metrics['steps']} | {metrics['tokens']} | {metrics['tokens_per_s'] or 0:.0f} "
-        f"| {metrics['loss_curve'][0]:.4f} | {metrics['final_loss']:.4f} |\n"
-    )
-    return finish_stage(
-        store,
-        round_,
-        rows_in=examples.height,
-        summary=summary,
-        model_dir=str(store.model_dir),
-        metrics=metrics,
-    )
-
-
-def _pi_theta0(conf: RunConfig, upstream: dict[str, dict]) -> pl.DataFrame:
-    return pi_theta0_examples(read_stage(upstream["problems"]))
-
-
-def _q_phi(conf: RunConfig, upstream: dict[str, dict]) -> pl.DataFrame:
-    problems = read_stage(upstream["problems"])
-    if "prior_samples" in upstream:
-        samples, verdicts = read_stage(upstream["prior_samples"]), read_stage(upstream["prior_verdicts"])
-        return q_phi_forward_kl_examples(problems, samples, verdicts, conf.posterior_template)
-    if conf.posterior_objective == "forward_kl":
+def _q_phi_examples(i: Inputs) -> pl.DataFrame:
+    problems = i.table("problems")
+    if i.has("prior_samples"):  # Eq.9 (forward_kl, and every EM round > 1: Algorithm 1)
+        samples, verdicts = i.table("prior_samples"), i.table("prior_verdicts")
+        return q_phi_forward_kl_examples(problems, samples, verdicts, i.conf.posterior_template)
+    if i.conf.posterior_objective == "forward_kl":
         raise ValueError("posterior_objective forward_kl needs upstream prior_samples and prior_verdicts")
-    return q_phi_examples(problems, conf.posterior_template)
+    return q_phi_examples(problems, i.conf.posterior_template)
 
 
-def _final(conf: RunConfig, upstream: dict[str, dict]) -> pl.DataFrame:
-    return final_examples(read_stage(upstream["train"]))
+_MODEL = {
+    "code": ("trainers.sft", "trainers.distributed", "trainers.checkpoint", "variational.templates"),
+    "verify_inputs": True,  # hash-check the examples' sources before hours of training
+    "needs_gpu": True,
+}
+# How a run is spread and checkpointed does not change the weights (tests/test_distributed.py: 1 vs 2
+# processes agree within 1e-5): those knobs are read, never fingerprinted.
+PLACEMENT = ("num_processes", "nodes", "save_steps", "save_minutes")
 
 
-@stage_task(PI_THETA0, fingerprint_pi_theta0)
-def finetune_pi_theta0_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict:
-    return finetune(PI_THETA0, cfg, upstream, round_, _pi_theta0)
+def trained_by(section: str) -> dict[str, tuple[str, ...]]:
+    """The Stage fields/uses of a model trained with config section `section`."""
+    results = tuple(f"{section}.{f}" for f in TrainConfig.model_fields if f not in PLACEMENT)
+    return {"fields": results, "uses": (section,)}
 
 
-@stage_task(Q_PHI, fingerprint_q_phi)
-def finetune_q_phi_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict:
-    return finetune(Q_PHI, cfg, upstream, round_, _q_phi)
-
-
-@stage_task(FINAL, fingerprint_final)
-def final_sft_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict:
-    return finetune(FINAL, cfg, upstream, round_, _final)
+PI_THETA0 = Stage(
+    name="pi_theta0",
+    inputs=("problems", "base_model", "init"),
+    **trained_by("pi_theta0"),
+    examples=lambda i: pi_theta0_examples(i.table("problems")),
+    train=trainer("pi_theta0"),
+    **_MODEL,
+)
+Q_PHI = Stage(
+    name="q_phi",
+    inputs=("problems", "prior_samples", "prior_verdicts", "base_model", "init"),
+    fields=trained_by("q_phi")["fields"] + ("posterior_template", "posterior_objective"),
+    uses=("q_phi",),
+    examples=_q_phi_examples,
+    train=trainer("q_phi"),
+    **_MODEL,
+)
+PI_THETA = Stage(
+    name="pi_theta",
+    inputs=("train", "base_model", "init"),
+    **trained_by("final"),
+    examples=lambda i: final_examples(i.table("train")),
+    train=trainer("final"),
+    **_MODEL,
+)

@@ -1,4 +1,4 @@
-"""Stage `answer_rollouts`: M answer continuations of π_θ0 per posterior trace (design.md stage 6).
+"""Stage `rollouts`: M answer continuations of π_θ0 per posterior trace (design.md stage 6).
 
 In:  problems (prompt_idx, question), posterior_samples (prompt_idx, sample_idx, round, think, format_ok) and
      the pi_theta0 model manifest ("model_dir", "fingerprint").
@@ -14,19 +14,14 @@ the K traces of a question share the π_θ prompt and the M samples of a trace s
 
 from __future__ import annotations
 
-import sys
-
 import polars as pl
 
 from tasks import sample_posterior as posterior
-from variational import sampling, templates
-from variational.config import RunConfig, SamplingConfig
+from variational import templates
+from variational.config import SamplingConfig
+from variational.runner import Engine, Inputs, Stage
 from variational.sampling import Completion, request_seed
-from variational.stage import finish_stage, logger, open_store, reuse_stage, run_shards, stage_task
-from variational.store import code_version, fingerprint, read_stage
 
-STAGE = "answer_rollouts"
-TABLE = "rollouts"
 WELL_FORMED = templates.END_THOUGHT.removeprefix(templates.END_OF)  # "_thought|>": how an answer starts
 REQUEST_SCHEMA = {"prompt_idx": pl.Int64, "sample_idx": pl.Int64, "round": pl.Int64, "prompt": pl.String}
 ROLLOUTS_SCHEMA = {
@@ -119,65 +114,41 @@ def summarize(traces: int, requests: int, rollouts: pl.DataFrame) -> str:
     )
 
 
-# ---------------------------------------------------------------- Prefect task
+# ---------------------------------------------------------------- declaration
+def _plan(i: Inputs) -> pl.DataFrame:
+    return rollout_requests(i.table("problems"), i.table("posterior_samples"), i.round)
 
 
-def fingerprint_of(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> str:
-    conf = RunConfig.model_validate(cfg)
-    return fingerprint(
-        STAGE,
-        code=code_version(sys.modules[__name__], posterior, sampling, templates),
-        config={
-            "M": conf.M,
-            "rollout_sampling": conf.rollout_sampling,
-            "engine": posterior.engine_fields(conf),
-        },
-        upstream={
-            "problems": upstream["problems"]["fingerprint"],
-            "posterior_samples": upstream["posterior_samples"]["fingerprint"],
-            "pi_theta0": posterior.model_id(upstream["pi_theta0"]),
-        },
-        round=round_,
+def _shard(i: Inputs, engine: Engine, shard: pl.DataFrame) -> pl.DataFrame:
+    if shard.is_empty():  # no well-formed trace at all: an empty table, no engine
+        return pl.DataFrame(schema=ROLLOUTS_SCHEMA)
+    seeds = request_seeds(shard, i.conf.rollout_sampling)
+    completions = engine.get().generate(
+        shard["prompt"].to_list(),
+        n=i.conf.M,
+        sampling=i.conf.rollout_sampling,
+        stop=[templates.ANSWER_STOP],
+        seeds=seeds,
+        include_stop=True,
     )
+    return parse_rollouts(shard, completions, seeds)
 
 
-@stage_task(STAGE, fingerprint_of)
-def rollouts_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict:
-    conf = RunConfig.model_validate(cfg)
-    store = open_store(cfg, STAGE, fingerprint_of(cfg, upstream, round_))
-    if store.is_complete():
-        return reuse_stage(store, round_)
-    samples = read_stage(upstream["posterior_samples"])
-    requests = rollout_requests(read_stage(upstream["problems"]), samples, round_)
-    if skipped := samples.height - requests.height:
-        logger().info(
-            "%s: %d of %d traces lack `<|end_of` and get no rollouts", STAGE, skipped, samples.height
-        )
-    engine = posterior.LazySampler(str(upstream["pi_theta0"]["model_dir"]), conf, prefix_caching=True)
+def _summary(i: Inputs, rollouts: pl.DataFrame) -> str:
+    traces = i.table("posterior_samples", columns=["prompt_idx"]).height
+    return summarize(traces, rollouts.select("prompt_idx", "sample_idx").n_unique(), rollouts)
 
-    def compute(shard: pl.DataFrame) -> pl.DataFrame:
-        if shard.is_empty():  # no well-formed trace at all: an empty table, no engine
-            return pl.DataFrame(schema=ROLLOUTS_SCHEMA)
-        seeds = request_seeds(shard, conf.rollout_sampling)
-        completions = engine.get().generate(
-            shard["prompt"].to_list(),
-            n=conf.M,
-            sampling=conf.rollout_sampling,
-            stop=[templates.ANSWER_STOP],
-            seeds=seeds,
-            include_stop=True,
-        )
-        return parse_rollouts(shard, completions, seeds)
 
-    try:
-        done, reused = run_shards(store, requests, conf.rollout_sampling.shard_size, compute)
-    finally:
-        engine.close()
-    logger().info("%s: %d shards sampled, %d reused", STAGE, done, reused)
-    return finish_stage(
-        store,
-        round_,
-        rows_in=samples.height,
-        summary=summarize(samples.height, requests.height, store.read()),
-        traces_without_rollouts=skipped,
-    )
+ROLLOUTS = Stage(
+    name="rollouts",
+    inputs=("problems", "posterior_samples", "pi_theta0"),
+    fields=("M", "rollout_sampling", *posterior.ENGINE_FIELDS),
+    uses=("engine",),
+    code=("tasks.sample_posterior", "variational.sampling", "variational.templates"),
+    plan=_plan,
+    shard=_shard,
+    shard_size="rollout_sampling.shard_size",
+    engine=posterior.open_sampler("pi_theta0", prefix_caching=True),
+    summary=_summary,
+    needs_gpu=True,
+)

@@ -13,21 +13,16 @@ first missing shard only, so a finished or fully resumed stage starts none.
 
 from __future__ import annotations
 
-import importlib
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import polars as pl
 
 from variational import sampling, templates
-from variational.config import RunConfig, SamplingConfig
+from variational.config import SamplingConfig
+from variational.runner import Engine, Inputs, Stage
 from variational.sampling import Completion, request_seed
-from variational.stage import finish_stage, logger, open_store, reuse_stage, run_shards, stage_task
-from variational.store import code_version, fingerprint, read_stage
 
-STAGE = "sample_posterior"
-TABLE = "posterior_samples"
 SAMPLES_SCHEMA = {
     "prompt_idx": pl.Int64,
     "sample_idx": pl.Int64,
@@ -124,6 +119,7 @@ def summarize(samples: pl.DataFrame) -> str:
 
 
 # ---------------------------------------------------------------- engine glue (shared by the sample stages)
+ENGINE_FIELDS = ("engine.backend", "engine.dtype")  # what changes the samples; memory/batching knobs do not
 
 
 def think_counter(sampler: sampling.Sampler) -> Callable[[str], int]:
@@ -134,79 +130,32 @@ def think_counter(sampler: sampling.Sampler) -> Callable[[str], int]:
     return lambda think: len(scoring.encode_think(sampler.tokenizer, think))
 
 
-def model_id(manifest: dict) -> str:
-    # a trained model has a fingerprint; a base model passed as a bare manifest has only its folder
-    return manifest.get("fingerprint") or str(manifest["model_dir"])
+def open_sampler(model: str, *, prefix_caching: bool = False) -> Callable[[Inputs], sampling.Sampler]:
+    """The engine opener of a sampling stage: vLLM (or the transformers fallback) on upstream `model`."""
+    return lambda i: sampling.Sampler(i.model_dir(model), i.conf.engine, prefix_caching=prefix_caching)
 
 
-def engine_fields(conf: RunConfig) -> dict:
-    """The engine settings that change what is sampled (memory and batching knobs do not)."""
-    return {"backend": conf.engine.backend, "dtype": conf.engine.dtype}
-
-
-class LazySampler:
-    """Opens the Sampler on first use (a fully cached stage never starts an engine); close() is idempotent."""
-
-    def __init__(self, model_dir: str, conf: RunConfig, *, prefix_caching: bool = False):
-        self.model_dir, self.conf, self.prefix_caching = model_dir, conf, prefix_caching
-        self._sampler: sampling.Sampler | None = None
-
-    def get(self) -> sampling.Sampler:
-        if self._sampler is None:
-            self._sampler = sampling.Sampler(
-                self.model_dir, self.conf.engine, prefix_caching=self.prefix_caching
-            )
-        return self._sampler
-
-    def close(self) -> None:
-        if self._sampler is not None:
-            self._sampler.close()
-            self._sampler = None
-
-
-# ---------------------------------------------------------------- Prefect task
-
-
-def fingerprint_of(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> str:
-    conf = RunConfig.model_validate(cfg)
-    return fingerprint(
-        STAGE,
-        code=code_version(
-            sys.modules[__name__], sampling, templates, importlib.import_module("variational.scoring")
-        ),
-        config={
-            "K": conf.K,
-            "posterior_template": conf.posterior_template,
-            "posterior_sampling": conf.posterior_sampling,
-            "engine": engine_fields(conf),
-        },
-        upstream={"problems": upstream["problems"]["fingerprint"], "q_phi": model_id(upstream["q_phi"])},
-        round=round_,
+# ---------------------------------------------------------------- declaration
+def _shard(i: Inputs, engine: Engine, shard: pl.DataFrame) -> pl.DataFrame:
+    seeds = request_seeds(shard["prompt_idx"].to_list(), i.conf.posterior_sampling, i.round)
+    sampler = engine.get()
+    stop = [templates.posterior_stop(i.conf.posterior_template)]
+    completions = sampler.generate(
+        shard["prompt"].to_list(), n=i.conf.K, sampling=i.conf.posterior_sampling, stop=stop, seeds=seeds
     )
+    return parse_posterior(shard, completions, i.round, seeds, think_counter(sampler))
 
 
-@stage_task(STAGE, fingerprint_of)
-def sample_posterior_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict:
-    conf = RunConfig.model_validate(cfg)
-    store = open_store(cfg, STAGE, fingerprint_of(cfg, upstream, round_))
-    if store.is_complete():
-        return reuse_stage(store, round_)
-    requests = posterior_requests(read_stage(upstream["problems"]), conf.posterior_template)
-    model_dir = str(upstream["q_phi"]["model_dir"])
-    engine = LazySampler(model_dir, conf)
-    stop = [templates.posterior_stop(conf.posterior_template)]
-
-    def compute(shard: pl.DataFrame) -> pl.DataFrame:
-        seeds = request_seeds(shard["prompt_idx"].to_list(), conf.posterior_sampling, round_)
-        sampler = engine.get()
-        completions = sampler.generate(
-            shard["prompt"].to_list(), n=conf.K, sampling=conf.posterior_sampling, stop=stop, seeds=seeds
-        )
-        return parse_posterior(shard, completions, round_, seeds, think_counter(sampler))
-
-    try:
-        done, reused = run_shards(store, requests, conf.posterior_sampling.shard_size, compute)
-    finally:
-        engine.close()
-    logger().info("%s: %d shards sampled, %d reused", STAGE, done, reused)
-    return finish_stage(store, round_, rows_in=requests.height, summary=summarize(store.read()))
+POSTERIOR_SAMPLES = Stage(
+    name="posterior_samples",
+    inputs=("problems", "q_phi"),
+    fields=("K", "posterior_template", "posterior_sampling", *ENGINE_FIELDS),
+    uses=("engine",),
+    code=("variational.sampling", "variational.templates", "variational.scoring"),
+    plan=lambda i: posterior_requests(i.table("problems"), i.conf.posterior_template),
+    shard=_shard,
+    shard_size="posterior_sampling.shard_size",
+    engine=open_sampler("q_phi"),
+    summary=lambda i, samples: summarize(samples),
+    needs_gpu=True,
+)

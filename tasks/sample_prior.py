@@ -13,21 +13,16 @@ n = M per question, stop `<|end_of_solution|>` kept in the text.
 
 from __future__ import annotations
 
-import importlib
-import sys
 from collections.abc import Callable
 
 import polars as pl
 
 from tasks import sample_posterior as posterior
-from variational import sampling, templates
-from variational.config import RunConfig, SamplingConfig
+from variational import templates
+from variational.config import SamplingConfig
+from variational.runner import Engine, Inputs, Stage
 from variational.sampling import Completion, request_seed
-from variational.stage import finish_stage, logger, open_store, reuse_stage, run_shards, stage_task
-from variational.store import code_version, fingerprint, read_stage
 
-STAGE = "sample_prior"
-TABLE = "prior_samples"
 PRIOR_STREAM = 1  # the last seed key: keeps prior seeds apart from the posterior seeds of the same question
 
 
@@ -56,55 +51,31 @@ def parse_prior(
     return rows.with_columns(text=pl.col("response"), rollout_idx=pl.lit(0, pl.Int64))
 
 
-def fingerprint_of(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> str:
-    conf = RunConfig.model_validate(cfg)
-    return fingerprint(
-        STAGE,
-        code=code_version(
-            sys.modules[__name__],
-            posterior,
-            sampling,
-            templates,
-            importlib.import_module("variational.scoring"),
-        ),
-        config={
-            "M": conf.M,
-            "posterior_sampling": conf.posterior_sampling,
-            "engine": posterior.engine_fields(conf),
-        },
-        upstream={
-            "problems": upstream["problems"]["fingerprint"],
-            "policy": posterior.model_id(upstream["policy"]),
-        },
-        round=round_,
+# ---------------------------------------------------------------- declaration
+def _shard(i: Inputs, engine: Engine, shard: pl.DataFrame) -> pl.DataFrame:
+    seeds = request_seeds(shard["prompt_idx"].to_list(), i.conf.posterior_sampling, i.round)
+    sampler = engine.get()
+    completions = sampler.generate(
+        shard["prompt"].to_list(),
+        n=i.conf.M,
+        sampling=i.conf.posterior_sampling,
+        stop=[templates.ANSWER_STOP],
+        seeds=seeds,
+        include_stop=True,
     )
+    return parse_prior(shard, completions, i.round, seeds, posterior.think_counter(sampler))
 
 
-@stage_task(STAGE, fingerprint_of)
-def sample_prior_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict:
-    conf = RunConfig.model_validate(cfg)
-    store = open_store(cfg, STAGE, fingerprint_of(cfg, upstream, round_))
-    if store.is_complete():
-        return reuse_stage(store, round_)
-    requests = prior_requests(read_stage(upstream["problems"]))
-    engine = posterior.LazySampler(str(upstream["policy"]["model_dir"]), conf)
-
-    def compute(shard: pl.DataFrame) -> pl.DataFrame:
-        seeds = request_seeds(shard["prompt_idx"].to_list(), conf.posterior_sampling, round_)
-        sampler = engine.get()
-        completions = sampler.generate(
-            shard["prompt"].to_list(),
-            n=conf.M,
-            sampling=conf.posterior_sampling,
-            stop=[templates.ANSWER_STOP],
-            seeds=seeds,
-            include_stop=True,
-        )
-        return parse_prior(shard, completions, round_, seeds, posterior.think_counter(sampler))
-
-    try:
-        done, reused = run_shards(store, requests, conf.posterior_sampling.shard_size, compute)
-    finally:
-        engine.close()
-    logger().info("%s: %d shards sampled, %d reused", STAGE, done, reused)
-    return finish_stage(store, round_, rows_in=requests.height, summary=posterior.summarize(store.read()))
+PRIOR_SAMPLES = Stage(
+    name="prior_samples",
+    inputs=("problems", "policy"),
+    fields=("M", "posterior_sampling", *posterior.ENGINE_FIELDS),
+    uses=("engine",),
+    code=("tasks.sample_posterior", "variational.sampling", "variational.templates", "variational.scoring"),
+    plan=lambda i: prior_requests(i.table("problems")),
+    shard=_shard,
+    shard_size="posterior_sampling.shard_size",
+    engine=posterior.open_sampler("policy"),
+    summary=lambda i, samples: posterior.summarize(samples),
+    needs_gpu=True,
+)

@@ -1,4 +1,4 @@
-"""Stage `score`: teacher-forced per-token log-probs of every posterior trace under π_θ0 and q_φ (method.md §1).
+"""Stage `logps` (scoring): teacher-forced per-token log-probs of every posterior trace under π_θ0 and q_φ (method.md §1).
 
 In:  problems (prompt_idx, question, solution_ref), posterior_samples (prompt_idx, sample_idx, round, think),
      and the model manifests pi_theta0, q_phi (each with "model_dir").
@@ -16,8 +16,6 @@ set, so n_tokens can be smaller than think_len.
 
 from __future__ import annotations
 
-import sys
-import time
 from typing import Any
 
 import numpy as np
@@ -25,12 +23,9 @@ import polars as pl
 import torch
 
 from variational import scoring, templates
-from variational.config import RunConfig, ScoreConfig
-from variational.stage import finish_stage, logger, open_store, reuse_stage, run_shards, stage_task
-from variational.store import code_version, fingerprint, read_stage
+from variational.config import ScoreConfig
+from variational.runner import Engine, Inputs, Stage
 
-STAGE = "score"
-TABLE = "logps"
 PI, Q = "pi_theta0", "q_phi"  # `logps.model` values, read by tasks/weights.py
 KEYS = ["prompt_idx", "sample_idx", "round"]
 REQUEST_COLUMNS = [*KEYS, "pi_ids", "q_ids", "think_ids", "answer_ids"]
@@ -158,71 +153,57 @@ def score(
     return score_rows(score_requests(problems, posterior_samples, tokenizer, template), models, cfg, progress)
 
 
-# ---------------------------------------------------------------- Prefect task -----------------------------
-UPSTREAM = ("problems", "posterior_samples", PI, Q)
+# ---------------------------------------------------------------- declaration
+class Scorers:
+    """The two scoring models and their (shared) tokenizer, loaded once per stage run."""
+
+    def __init__(self, i: Inputs):
+        loaded = {
+            name: scoring.load_scorer(i.model_dir(name), compile=i.conf.score.compile) for name in (PI, Q)
+        }
+        self.models = {name: model for name, (model, _) in loaded.items()}
+        self.tokenizer = loaded[PI][1]
+        # both models must read the same ids: fine-tunes of one base model share one tokenizer
+        if self.tokenizer.get_vocab() != loaded[Q][1].get_vocab():
+            raise ValueError(
+                "pi_theta0 and q_phi have different tokenizers: they must be fine-tunes of one base model"
+            )
+
+    def close(self) -> None:
+        self.models.clear()
 
 
-def fingerprint_of(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> str:
-    conf = RunConfig.model_validate(cfg)
-    return fingerprint(
-        STAGE,
-        code=code_version(sys.modules[__name__], scoring, templates),
-        config={"score": conf.score, "posterior_template": conf.posterior_template},
-        upstream={k: upstream[k]["fingerprint"] for k in UPSTREAM if k in upstream},
-        round=round_,
-    )
-
-
-def _check_same_vocab(a: Any, b: Any) -> None:
-    # both models must read the same ids; they are fine-tunes of one base model, so one tokenizer serves both
-    if a.get_vocab() != b.get_vocab():
-        raise ValueError(
-            "pi_theta0 and q_phi have different tokenizers: they must be fine-tunes of one base model"
-        )
-
-
-def summarize_run(out_rows: int, scored: int, forward: int, seconds: float) -> str:
-    rate = forward / seconds if seconds > 0 else float("nan")
-    return (
-        "| rows | tokens scored | tokens forwarded | compute (s) | tokens/s |\n|---|---|---|---|---|\n"
-        f"| {out_rows} | {scored} | {forward} | {seconds:.1f} | {rate:,.0f} |\n"
-    )
-
-
-@stage_task(STAGE, fingerprint_of)
-def score_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict:
-    conf = RunConfig.model_validate(cfg)
-    store = open_store(cfg, STAGE, fingerprint_of(cfg, upstream, round_))
-    if store.is_complete():
-        return reuse_stage(store, round_)
-    problems = read_stage(upstream["problems"])
-    samples = read_stage(upstream["posterior_samples"])
+def _plan(i: Inputs) -> pl.DataFrame:
+    samples = i.table("posterior_samples")
     if "round" not in samples.columns:
-        samples = samples.with_columns(round=pl.lit(round_, pl.Int64))
-    samples = samples.sort(KEYS)
-    loaded: dict[str, Any] = {}
-    stats = {"scored": 0, "forward": 0, "seconds": 0.0}
+        samples = samples.with_columns(round=pl.lit(i.round, pl.Int64))
+    return samples.sort(KEYS)
 
-    def compute(shard: pl.DataFrame) -> pl.DataFrame:
-        if not loaded:  # lazily, once per task run: a fully resumed stage loads nothing
-            for name in (PI, Q):
-                model, tok = scoring.load_scorer(upstream[name]["model_dir"], compile=conf.score.compile)
-                loaded[name], loaded[f"{name}_tokenizer"] = model, tok
-            _check_same_vocab(loaded[f"{PI}_tokenizer"], loaded[f"{Q}_tokenizer"])
-        t0 = time.perf_counter()
-        requests = score_requests(problems, shard, loaded[f"{PI}_tokenizer"], conf.posterior_template)
-        out = score_rows(requests, {PI: loaded[PI], Q: loaded[Q]}, conf.score)
-        stats["seconds"] += time.perf_counter() - t0
-        stats["scored"] += int(out["n_tokens"].sum())
-        stats["forward"] += forward_tokens(requests, conf.score.max_length)
-        return out
 
-    done, reused = run_shards(store, samples, conf.score.shard_size, compute)
-    logger().info("%s: %d shards computed, %d reused", STAGE, done, reused)
-    manifest_rows = 3 * samples.height
-    return finish_stage(
-        store,
-        round_,
-        rows_in=samples.height,
-        summary=summarize_run(manifest_rows, stats["scored"], stats["forward"], stats["seconds"]),
-    )
+def _shard(i: Inputs, engine: Engine, shard: pl.DataFrame) -> pl.DataFrame:
+    scorers = engine.get()
+    requests = score_requests(i.table("problems"), shard, scorers.tokenizer, i.conf.posterior_template)
+    return score_rows(requests, scorers.models, i.conf.score)
+
+
+def summarize(logps: pl.DataFrame) -> str:
+    s = logps.select(
+        pl.len().alias("rows"),
+        pl.col("n_tokens").sum().alias("tokens"),
+        pl.col("truncated").sum().alias("cut"),
+    ).row(0, named=True)
+    return f"| rows | tokens scored | truncated spans |\n|---|---|---|\n| {s['rows']} | {s['tokens']} | {s['cut']} |\n"
+
+
+LOGPS = Stage(
+    name="logps",
+    inputs=("problems", "posterior_samples", PI, Q),
+    fields=("score", "posterior_template"),
+    code=("variational.scoring", "variational.templates"),
+    plan=_plan,
+    shard=_shard,
+    shard_size="score.shard_size",
+    engine=Scorers,
+    summary=lambda i, logps: summarize(logps),
+    needs_gpu=True,
+)

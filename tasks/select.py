@@ -22,18 +22,14 @@ Row order: block (originals, fallbacks, chosen traces), then prompt_idx, then sa
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 import polars as pl
 
 from tasks.weights import ESTIMATORS
 from variational import templates
-from variational.config import RunConfig
-from variational.stage import finish_stage, open_store, reuse_stage, stage_task
-from variational.store import code_version, fingerprint, read_stage
+from variational.runner import Inputs, Stage
 
-STAGE = "select"
 ORIGINAL, FALLBACK = -2, -1
 TRAIN_COLUMNS = ["row", "prompt_idx", "prompt", "response", "weight", "origin", "think_chars"]
 _TRAIN_SCHEMA = {
@@ -233,28 +229,18 @@ def summarize(train: pl.DataFrame, mode: str, estimator: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-UPSTREAM = ("problems", "weights", "posterior_samples", "rollouts", "verdicts")
+# ---------------------------------------------------------------- declaration
+def _train(i: Inputs) -> pl.DataFrame:
+    tables = {k: i.table(k) if i.has(k) else None for k in TRAIN.inputs}
+    return select(**tables, mode=i.conf.select.mode, estimator=i.conf.weights.estimator)
 
 
-def fingerprint_of(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> str:
-    conf = RunConfig.model_validate(cfg)
-    return fingerprint(
-        STAGE,
-        code=code_version(sys.modules[__name__], templates),
-        config={"select": conf.select, "estimator": conf.weights.estimator},
-        upstream={k: upstream[k]["fingerprint"] for k in UPSTREAM if k in upstream},
-        round=round_,
-    )
-
-
-@stage_task(STAGE, fingerprint_of)
-def select_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict:
-    conf = RunConfig.model_validate(cfg)
-    store = open_store(cfg, STAGE, fingerprint_of(cfg, upstream, round_))
-    if store.is_complete():
-        return reuse_stage(store, round_)
-    tables = {k: read_stage(upstream[k]) if k in upstream else None for k in UPSTREAM}
-    train = select(**tables, mode=conf.select.mode, estimator=conf.weights.estimator)
-    store.write_shard(0, train)
-    summary = summarize(train, conf.select.mode, conf.weights.estimator)
-    return finish_stage(store, round_, rows_in=tables["weights"].height, summary=summary)
+TRAIN = Stage(
+    name="train",
+    inputs=("problems", "weights", "posterior_samples", "rollouts", "verdicts"),
+    fields=("select", "weights.estimator"),
+    code=("variational.templates",),
+    core=_train,
+    summary=lambda i, train: summarize(train, i.conf.select.mode, i.conf.weights.estimator),
+    verify_inputs=True,  # the final training data: hash-check what it is built from
+)

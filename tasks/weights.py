@@ -19,17 +19,14 @@ same contract as a plain Python loop, tested equal. Decisions the contract leave
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import polars as pl
 
-from variational.config import RunConfig, WeightsConfig
-from variational.stage import finish_stage, open_store, reuse_stage, stage_task
-from variational.store import code_version, fingerprint, read_stage
+from variational.config import WeightsConfig
+from variational.runner import Inputs, Stage
 
-STAGE = "weights"
 CANDIDATE_COLUMNS = (
     "prompt_idx",
     "sample_idx",
@@ -364,35 +361,20 @@ def summarize(out: pl.DataFrame) -> str:
     )
 
 
-# ---------------------------------------------------------------- Prefect task -----------------------------
-UPSTREAM = ("posterior_samples", "logps", "problems", "verdicts")
-
-
-def fingerprint_of(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> str:
-    conf = RunConfig.model_validate(cfg)
-    return fingerprint(
-        STAGE,
-        code=code_version(sys.modules[__name__]),
-        config=conf.weights,
-        upstream={k: upstream[k]["fingerprint"] for k in UPSTREAM if k in upstream},
-        round=round_,
-    )
-
-
-@stage_task(STAGE, fingerprint_of)
-def weights_task(cfg: dict, upstream: dict[str, dict], round_: int = 1) -> dict:
-    conf = RunConfig.model_validate(cfg)
-    store = open_store(cfg, STAGE, fingerprint_of(cfg, upstream, round_))
-    if store.is_complete():
-        return reuse_stage(store, round_)
-    samples = read_stage(upstream["posterior_samples"])
-    verdicts = read_stage(upstream["verdicts"]) if "verdicts" in upstream else None
-    logps = read_stage(
-        upstream["logps"], columns=[*KEYS, "model", "span", "n_tokens", "logp_sum", "logp_mean"]
-    )
+# ---------------------------------------------------------------- declaration
+def _weights(i: Inputs) -> pl.DataFrame:
+    verdicts = i.table("verdicts") if i.has("verdicts") else None
+    logps = i.table("logps", columns=[*KEYS, "model", "span", "n_tokens", "logp_sum", "logp_mean"])
     think = logps.filter(pl.col("span") == "think").group_by(KEYS).agg(pl.col("n_tokens").n_unique())
     if think["n_tokens"].max() != 1:  # some think spans differ in length between models: needs the lists
-        logps = read_stage(upstream["logps"])
-    out = weights(samples, logps, verdicts, read_stage(upstream["problems"]), conf.weights)
-    store.write_shard(0, out)
-    return finish_stage(store, round_, rows_in=samples.height, summary=summarize(out))
+        logps = i.table("logps")
+    return weights(i.table("posterior_samples"), logps, verdicts, i.table("problems"), i.conf.weights)
+
+
+WEIGHTS = Stage(
+    name="weights",
+    inputs=("posterior_samples", "logps", "problems", "verdicts"),
+    fields=("weights",),
+    core=_weights,
+    summary=lambda i, out: summarize(out),
+)

@@ -55,3 +55,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def finished_stage(data_root: Path, run: str, name: str, df, fp: str | None = None, **extra) -> dict:
+    """A finished upstream stage on disk (shard + manifest), as the runner would leave it; returns its ref."""
+    from variational.store import StageStore
+
+    st = StageStore(data_root, run, name, fp or f"fp-{name}")
+    st.write_shard(0, df)
+    return st.finish(round_=1, **extra)

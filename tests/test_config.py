@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from variational.config import ConfigError, apply_overrides, load_config
@@ -70,3 +72,31 @@ def test_cross_field_rule() -> None:
         load_config("configs/tiny.yaml", ["weights.question_weighting=grpo"])
     cfg = load_config("configs/tiny.yaml", ["weights.question_weighting=grpo", "select.mode=all-k"])
     assert cfg.weights.question_weighting == "grpo"
+
+
+def test_every_allowed_value_is_typeable_as_printed(tmp_path: Path) -> None:
+    """YAML 1.1 reads no/off/yes/on as booleans: `--set final.mixed_precision=no` was refused with an error
+    that listed 'no' among the allowed values (issue 11 item 2)."""
+    cfg = load_config("configs/tiny.yaml", ["final.mixed_precision=no", "data.split=on"])
+    assert cfg.final.mixed_precision == "no" and cfg.data.split == "on"
+    cfg = load_config("configs/tiny.yaml", ["eval.enabled=off", "score.compile=yes"])
+    assert cfg.eval.enabled is False and cfg.score.compile is True  # bool fields still take yes/no/on/off
+    assert apply_overrides({}, ["a=no", "b=true", "c=False", "d=1.0e-4"]) == {
+        "a": "no",
+        "b": True,
+        "c": False,
+        "d": 1e-4,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text("name: x\nbase_model: m\nfinal:\n  mixed_precision: no\neval:\n  enabled: off\n")
+    cfg = load_config(path)
+    assert cfg.final.mixed_precision == "no" and cfg.eval.enabled is False
+
+
+def test_bad_yaml_names_the_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nK: [1, 2\nM: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML: .* at line 3, column 2$"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^--set K=\[1: not valid YAML"):
+        apply_overrides({}, ["K=[1"])

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import finished_stage
 
 from tasks import finetune
 from variational import templates
 from variational.config import RunConfig, TrainConfig
-from variational.store import StageStore
+from variational.runner import run_stage
+from variational.runner import stage_fingerprint as fp
 
 PROBLEMS = pl.DataFrame(
     {
@@ -80,15 +82,18 @@ def test_final_examples_think_chars() -> None:
 def test_fingerprints_track_inputs() -> None:
     cfg = RunConfig(name="t", base_model="embedded:smollm2-135m").model_dump(mode="json")
     up = {"problems": {"fingerprint": "p1"}}
-    a = finetune.fingerprint_q_phi(cfg, up)
-    assert a == finetune.fingerprint_q_phi(cfg, up)
-    assert a != finetune.fingerprint_q_phi(cfg | {"posterior_template": "PA"}, up)
-    assert a != finetune.fingerprint_q_phi(cfg, {"problems": {"fingerprint": "p2"}})
-    assert a != finetune.fingerprint_q_phi(cfg, up | {"init": {"fingerprint": "m"}})
+    a = fp(finetune.Q_PHI, cfg, up)
+    assert a == fp(finetune.Q_PHI, cfg, up)
+    assert a != fp(finetune.Q_PHI, cfg | {"posterior_template": "PA"}, up)
+    assert a != fp(finetune.Q_PHI, cfg, {"problems": {"fingerprint": "p2"}})
+    assert a != fp(finetune.Q_PHI, cfg, up | {"init": {"fingerprint": "m"}})
     changed = cfg | {"q_phi": cfg["q_phi"] | {"epochs": 1}}
-    assert a != finetune.fingerprint_q_phi(changed, up)
+    assert a != fp(finetune.Q_PHI, changed, up)
+    # how training is spread over processes and checkpointed does not change the weights
+    spread = cfg | {"q_phi": cfg["q_phi"] | {"num_processes": 2, "save_minutes": 1}}
+    assert a == fp(finetune.Q_PHI, spread, up)
     # pi_theta0 does not read the q_phi section
-    assert finetune.fingerprint_pi_theta0(cfg, up) == finetune.fingerprint_pi_theta0(changed, up)
+    assert fp(finetune.PI_THETA0, cfg, up) == fp(finetune.PI_THETA0, changed, up)
 
 
 def test_final_sft_task_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -104,9 +109,10 @@ def test_final_sft_task_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None
             "prompt_idx": [0, 1, 2, 3],
         }
     )
-    store = StageStore(tmp_path, "t", "train", "fp-train")
-    store.write_shard(0, train)
-    up = {"train": store.finish()}
+    up = {
+        "train": finished_stage(tmp_path, "t", "train", train),
+        "base_model": {"model_dir": str(tiny_model_dir)},
+    }
     cfg = RunConfig(
         name="t",
         data_root=str(tmp_path),
@@ -115,12 +121,14 @@ def test_final_sft_task_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None
             epochs=1, batch_size=2, max_length=512, micro_batch_tokens=1024, learning_rate=1e-3
         ),
     ).model_dump(mode="json")
-    manifest = finetune.final_sft_task.fn(cfg, up)
-    assert manifest["stage"] == "final_sft" and manifest["rows"] == 4
+    manifest = run_stage(finetune.PI_THETA, cfg, up)
+    assert manifest["stage"] == "pi_theta" and manifest["rows"] == 4
     assert manifest["metrics"]["steps"] == 2
-    model_dir = Path(manifest["model_dir"])
-    assert model_dir == Path(manifest["path"]) / "model"
+    model_dir = tmp_path / manifest["model_dir"]
+    assert model_dir == tmp_path / manifest["path"] / "model"
     AutoModelForCausalLM.from_pretrained(model_dir)
-    shard = pl.read_parquet(Path(manifest["path"]) / "part-00000.parquet")
+    shard = pl.read_parquet(tmp_path / manifest["path"] / "part-00000.parquet")
     assert shard["weight"].to_list() == [1.0, 0.5, 2.0, 1.0]
-    assert finetune.final_sft_task.fn(cfg, up)["fingerprint"] == manifest["fingerprint"]  # reused
+    weights = {p: p.stat().st_mtime_ns for p in model_dir.iterdir()}
+    assert run_stage(finetune.PI_THETA, cfg, up) == manifest  # reused: not trained again
+    assert {p: p.stat().st_mtime_ns for p in model_dir.iterdir()} == weights

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from tasks.base_model import base_model_task, fingerprint_of
+import pytest
+
+from tasks.base_model import BASE_MODEL
+from variational.config import RunConfig
 from variational.models import prepare_embedded, resolve_model
+from variational.runner import run_stage, stage_fingerprint
 
 
 def test_embedded_folder_loads_with_transformers(embedded_model_dir: Path) -> None:
@@ -26,10 +29,11 @@ def test_embedded_folder_loads_with_transformers(embedded_model_dir: Path) -> No
     assert tok.chat_template
 
 
-def test_second_prepare_returns_at_once(embedded_model_dir: Path) -> None:
-    t0 = time.perf_counter()
+def test_second_prepare_returns_at_once(embedded_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in embedded_model_dir.iterdir()}
     assert prepare_embedded("smollm2-135m") == embedded_model_dir
-    assert time.perf_counter() - t0 < 1.0
+    assert {p.name: p.stat().st_mtime_ns for p in embedded_model_dir.iterdir()} == before  # nothing rewritten
+    assert "prepared" not in capsys.readouterr().out  # the conversion did not run
 
 
 def test_resolve_model(embedded_model_dir: Path, tmp_path: Path) -> None:
@@ -39,7 +43,10 @@ def test_resolve_model(embedded_model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_base_model_task_manifest(embedded_model_dir: Path) -> None:
-    cfg = {"base_model": "embedded:smollm2-135m"}
-    m = base_model_task.fn(cfg)
+    cfg = RunConfig(name="t", base_model="embedded:smollm2-135m").model_dump(mode="json")
+    m = run_stage(BASE_MODEL, cfg, {})
     assert m["model_dir"] == str(embedded_model_dir)
-    assert m["fingerprint"] == fingerprint_of(cfg) != fingerprint_of({"base_model": "Qwen/Qwen3-4B-Base"})
+    other = cfg | {"base_model": "Qwen/Qwen3-4B-Base"}
+    assert (
+        m["fingerprint"] == stage_fingerprint(BASE_MODEL, cfg, {}) != stage_fingerprint(BASE_MODEL, other, {})
+    )

@@ -187,7 +187,7 @@ def make_run(root: Path, skip: tuple[str, ...] = ()) -> None:
             continue
         store = StageStore(root, RUN, stage, f"fp{i:04d}")
         store.write_shard(0, build())
-        record_stage(root, RUN, stage, store.finish())
+        record_stage(root, RUN, store.finish(round_=1), computed=True)
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -229,6 +229,11 @@ def test_full_report(tmp_path: Path) -> None:
     assert "| -2 original | 4 |" in md and "| -1 fallback | 1 |" in md and "| k=0 | 2 |" in md
     # eval summary: base vs pi_theta side by side
     assert "| aime24 | 2 | avg@2 | 25.0 | 75.0 |" in md
+    # its 95% bootstrap interval over the 2 problems (per-problem accuracies 0.5/0 and 1/0.5)
+    assert "| aime24 | 2 | 95% CI | [0.0, 50.0] | [50.0, 100.0] |" in md
+    # the paper's table: the run's aime24 beside the paper's 4B numbers; no Math avg without all five
+    assert "| aime24 | 25.00 | 75.00 | — | 27.29 | 31.67 |" in md
+    assert "| Math avg | — | — | 21.38 | 51.35 | 55.72 |" in md
     assert "q_φ think length in tokens: median 25" in md
 
 
@@ -284,7 +289,7 @@ def test_report_of_empty_tables_and_no_eligible_weights(tmp_path: Path) -> None:
         )
         store = StageStore(tmp_path, RUN, stage, f"fp{i:04d}")
         store.write_shard(0, df)
-        record_stage(tmp_path, RUN, stage, store.finish())
+        record_stage(tmp_path, RUN, store.finish(round_=1), computed=True)
     md = report.write_report(tmp_path, RUN).read_text()
     assert "| acc | 3 | — |" in md  # questions counted, none with an eligible trace
     assert "## Evaluation" in md
@@ -295,6 +300,6 @@ def test_verdicts_of_unknown_prompts_group_as_unknown(tmp_path: Path) -> None:
     extra = verdicts().with_columns(prompt_idx=pl.lit(99, pl.Int64))
     store = StageStore(tmp_path, RUN, "verify", "fp-extra")
     store.write_shard(0, pl.concat([verdicts(), extra]))
-    record_stage(tmp_path, RUN, "verify", store.finish())
+    record_stage(tmp_path, RUN, store.finish(round_=1), computed=True)
     md = report.write_report(tmp_path, RUN).read_text()
     assert "| unknown | 8 | 0.500 |" in md

@@ -9,14 +9,17 @@ from types import SimpleNamespace
 
 import polars as pl
 import pytest
+from conftest import finished_stage
 
 from tasks import rollouts as rollouts_mod
 from tasks import sample_posterior as posterior
 from tasks import sample_prior as prior
 from variational import templates
 from variational.config import EngineConfig, RunConfig, SamplingConfig
+from variational.runner import run_stage
+from variational.runner import stage_fingerprint as fp
 from variational.sampling import Completion
-from variational.store import StageStore, read_stage
+from variational.store import read_stage
 
 PROBLEMS = pl.DataFrame(
     {
@@ -129,38 +132,37 @@ def _cfg(data_root: Path, **kw: object) -> dict:
 
 def test_fingerprints_track_what_changes_outputs() -> None:
     up = {"problems": {"fingerprint": "p"}, "q_phi": {"fingerprint": "q", "model_dir": "/m"}}
-    base = posterior.fingerprint_of(_cfg(Path("d")), up)
-    assert base == posterior.fingerprint_of(_cfg(Path("d")), up)
+    base = fp(posterior.POSTERIOR_SAMPLES, _cfg(Path("d")), up)
+    assert base == fp(posterior.POSTERIOR_SAMPLES, _cfg(Path("d")), up)
     changed = [
         _cfg(Path("d"), K=4),
         _cfg(Path("d"), posterior_template="PA"),
         _cfg(Path("d"), posterior_sampling=SamplingConfig(temperature=1.0)),
         _cfg(Path("d"), engine=EngineConfig(dtype="float32")),
     ]
-    assert all(posterior.fingerprint_of(c, up) != base for c in changed)
-    assert posterior.fingerprint_of(_cfg(Path("d")), up, round_=2) != base
-    assert posterior.fingerprint_of(_cfg(Path("d")), up | {"q_phi": {"fingerprint": "q2"}}) != base
+    assert all(fp(posterior.POSTERIOR_SAMPLES, c, up) != base for c in changed)
+    assert fp(posterior.POSTERIOR_SAMPLES, _cfg(Path("d")), up, round_=2) != base
+    assert fp(posterior.POSTERIOR_SAMPLES, _cfg(Path("d")), up | {"q_phi": {"fingerprint": "q2"}}) != base
     # memory and batching knobs do not change what is sampled
     assert (
-        posterior.fingerprint_of(_cfg(Path("d"), engine=EngineConfig(gpu_memory_utilization=0.3)), up) == base
+        fp(posterior.POSTERIOR_SAMPLES, _cfg(Path("d"), engine=EngineConfig(gpu_memory_utilization=0.3)), up)
+        == base
     )
     rup = {
         "problems": {"fingerprint": "p"},
         "posterior_samples": {"fingerprint": "s"},
         "pi_theta0": {"model_dir": "/m"},
     }
-    rbase = rollouts_mod.fingerprint_of(_cfg(Path("d")), rup)
-    assert rollouts_mod.fingerprint_of(_cfg(Path("d"), M=2), rup) != rbase
+    rbase = fp(rollouts_mod.ROLLOUTS, _cfg(Path("d")), rup)
+    assert fp(rollouts_mod.ROLLOUTS, _cfg(Path("d"), M=2), rup) != rbase
     assert (
-        rollouts_mod.fingerprint_of(_cfg(Path("d"), rollout_sampling=SamplingConfig(top_p=0.9)), rup) != rbase
+        fp(rollouts_mod.ROLLOUTS, _cfg(Path("d"), rollout_sampling=SamplingConfig(top_p=0.9)), rup) != rbase
     )
-    assert rollouts_mod.fingerprint_of(_cfg(Path("d"), K=2), rup) == rbase
+    assert fp(rollouts_mod.ROLLOUTS, _cfg(Path("d"), K=2), rup) == rbase
 
 
 def _write_stage(data_root: Path, stage: str, df: pl.DataFrame) -> dict:
-    store = StageStore(data_root, "t", stage, f"fp-{stage}")
-    store.write_shard(0, df)
-    return store.finish()
+    return finished_stage(data_root, "t", stage, df)
 
 
 def test_rollouts_task_without_well_formed_traces_starts_no_engine(tmp_path: Path) -> None:
@@ -172,9 +174,9 @@ def test_rollouts_task_without_well_formed_traces_starts_no_engine(tmp_path: Pat
         # a folder that is no model: loading it would fail, so the test fails if an engine starts
         "pi_theta0": {"model_dir": str(tmp_path / "no-model"), "fingerprint": "m"},
     }
-    manifest = rollouts_mod.rollouts_task.fn(_cfg(tmp_path), up)
-    assert manifest["rows"] == 0 and manifest["traces_without_rollouts"] == 3
-    assert read_stage(manifest).columns == list(rollouts_mod.ROLLOUTS_SCHEMA)
+    manifest = run_stage(rollouts_mod.ROLLOUTS, _cfg(tmp_path), up)
+    assert manifest["rows"] == 0 and "| 3 | 0 | 3 |" in manifest["summary"]
+    assert read_stage(tmp_path, manifest).columns == list(rollouts_mod.ROLLOUTS_SCHEMA)
 
 
 # ---------------------------------------------------------------- slow: the embedded model
@@ -199,24 +201,26 @@ def test_posterior_and_rollouts_on_embedded_model_resume(tmp_path: Path, embedde
     model = {"model_dir": str(embedded_model_dir), "fingerprint": "smollm2"}
     up = {"problems": _write_stage(tmp_path, "ingest", problems), "q_phi": model}
 
-    first = posterior.sample_posterior_task.fn(cfg, up)
+    first = run_stage(posterior.POSTERIOR_SAMPLES, cfg, up)
     assert first["rows"] == 3 * 2 and first["shards"] == 3
-    samples = read_stage(first).sort("prompt_idx", "sample_idx")
+    samples = read_stage(tmp_path, first).sort("prompt_idx", "sample_idx")
     assert samples.columns[: len(posterior.SAMPLES_SCHEMA)] == list(posterior.SAMPLES_SCHEMA)
     assert samples.filter(pl.col("prompt_idx") == 0)["response"].n_unique() == 2
     assert (samples["think_len"] > 0).all()
 
     # a killed run: shard 0 written, the rest and the manifest lost -> only the missing shards are redone
-    folder = Path(first["path"])
+    folder = tmp_path / first["path"]
     shard0 = folder / "part-00000.parquet"
     before = shard0.stat()
     for f in (folder / "manifest.json", folder / "part-00001.parquet", folder / "part-00002.parquet"):
         f.unlink()
-    again = posterior.sample_posterior_task.fn(cfg, up)
+    again = run_stage(posterior.POSTERIOR_SAMPLES, cfg, up)
     after = shard0.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert again["fingerprint"] == first["fingerprint"] and again["rows"] == 6
-    assert read_stage(again).sort("prompt_idx", "sample_idx").equals(samples)  # same seeds, same texts
+    assert (
+        read_stage(tmp_path, again).sort("prompt_idx", "sample_idx").equals(samples)
+    )  # same seeds, same texts
 
     # the untrained model never closes its thought in 32 tokens: roll out from the reference thoughts
     traces = problems.select(
@@ -227,9 +231,9 @@ def test_posterior_and_rollouts_on_embedded_model_resume(tmp_path: Path, embedde
         "posterior_samples": _write_stage(tmp_path, "sample_posterior_ref", traces),
         "pi_theta0": model,
     }
-    manifest = rollouts_mod.rollouts_task.fn(cfg, rup)
-    rolls = read_stage(manifest)
-    assert manifest["rows"] == 2 * 2 and manifest["traces_without_rollouts"] == 1
+    manifest = run_stage(rollouts_mod.ROLLOUTS, cfg, rup)
+    rolls = read_stage(tmp_path, manifest)
+    assert manifest["rows"] == 2 * 2 and "| 3 | 2 | 1 |" in manifest["summary"]
     assert set(rolls["prompt_idx"]) == {0, 1} and rolls["rollout_idx"].to_list().count(0) == 2
     assert ((rolls["n_tokens"] > 0) & (rolls["n_tokens"] <= 24)).all()
     assert rolls.filter(pl.col("prompt_idx") == 0)["text"].n_unique() == 2

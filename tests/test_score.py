@@ -9,12 +9,14 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from conftest import finished_stage
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasks import score as score_mod
 from tasks.score import PI, Q, score, score_requests
 from variational import templates
 from variational.config import RunConfig, ScoreConfig
+from variational.runner import run_stage, stage_fingerprint
 from variational.scoring import load_scorer
 
 PROBLEMS = pl.DataFrame(
@@ -115,29 +117,31 @@ def test_missing_problem_is_named(tiny: tuple) -> None:
 
 def test_fingerprint_reads_score_config_and_models() -> None:
     cfg = RunConfig(name="t", base_model="embedded:smollm2-135m").model_dump(mode="json")
-    up = {k: {"fingerprint": k} for k in score_mod.UPSTREAM}
-    fp = score_mod.fingerprint_of(cfg, up)
-    assert fp == score_mod.fingerprint_of(json.loads(json.dumps(cfg)), up)
-    assert fp != score_mod.fingerprint_of(cfg | {"score": cfg["score"] | {"max_length": 100}}, up)
-    assert fp != score_mod.fingerprint_of(cfg | {"posterior_template": "PA"}, up)
-    assert fp != score_mod.fingerprint_of(cfg, up | {Q: {"fingerprint": "other"}})
-    assert fp == score_mod.fingerprint_of(cfg | {"K": 3}, up)  # a field the stage does not read
+    up = {k: {"fingerprint": k} for k in score_mod.LOGPS.inputs}
+
+    def fp_of(cfg: dict, up: dict) -> str:
+        return stage_fingerprint(score_mod.LOGPS, cfg, up)
+
+    fp = fp_of(cfg, up)
+    assert fp == fp_of(json.loads(json.dumps(cfg)), up)
+    assert fp != fp_of(cfg | {"score": cfg["score"] | {"max_length": 100}}, up)
+    assert fp != fp_of(cfg | {"posterior_template": "PA"}, up)
+    assert fp != fp_of(cfg, up | {Q: {"fingerprint": "other"}})
+    assert fp == fp_of(cfg | {"K": 3}, up)  # a field the stage does not read
 
 
 def test_score_task_writes_and_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from variational.store import StageStore
-
     cfg = RunConfig(
         name="t", base_model="embedded:smollm2-135m", data_root=str(tmp_path), score=ScoreConfig(shard_size=2)
     ).model_dump(mode="json")
     up = {}
     for name, df in (("problems", PROBLEMS), ("posterior_samples", SAMPLES)):
-        st = StageStore(tmp_path, "t", name, name)
-        st.write_shard(0, df)
-        up[name] = st.finish()
+        up[name] = finished_stage(tmp_path, "t", name, df)
     for name in (PI, Q):
         up[name] = {"fingerprint": name, "model_dir": str(tiny_model_dir)}
-    manifest = score_mod.score_task.fn(cfg, up, 1)
+    manifest = run_stage(score_mod.LOGPS, cfg, up, 1)
     assert manifest["rows"] == 9 and manifest["shards"] == 2
-    again = score_mod.score_task.fn(cfg, up, 1)
-    assert again["fingerprint"] == manifest["fingerprint"]
+    shards = {p: p.stat().st_mtime_ns for p in (tmp_path / manifest["path"]).glob("part-*")}
+    again = run_stage(score_mod.LOGPS, cfg, up, 1)
+    assert again == manifest  # reused: the same manifest, no shard rewritten
+    assert {p: p.stat().st_mtime_ns for p in shards} == shards

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import finished_stage
 
-from tasks.select import TRAIN_COLUMNS, origin_counts, select, select_task
+from tasks.select import TRAIN, TRAIN_COLUMNS, origin_counts, select
 from variational import templates
 from variational.config import RunConfig
-from variational.store import StageStore
+from variational.runner import run_stage
 
 END = templates.ANSWER_STOP
 
@@ -167,11 +168,7 @@ def test_errors_name_the_problem(tables):
 
 def test_select_task(tables, tmp_path: Path):
     cfg = RunConfig(name="t", base_model="embedded:smollm2-135m", data_root=str(tmp_path)).model_dump()
-    upstream = {}
-    for name, df in tables.items():
-        st = StageStore(tmp_path, "t", name, f"fp-{name}")
-        st.write_shard(0, df)
-        upstream[name] = st.finish()
-    manifest = select_task.fn(cfg, upstream)
+    upstream = {name: finished_stage(tmp_path, "t", name, df) for name, df in tables.items()}
+    manifest = run_stage(TRAIN, cfg, upstream)
     assert manifest["rows"] == 6
-    assert select_task.fn(cfg, upstream)["fingerprint"] == manifest["fingerprint"]
+    assert run_stage(TRAIN, cfg, upstream) == manifest  # reused, not recomputed

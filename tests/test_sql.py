@@ -6,14 +6,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import duckdb
 import polars as pl
 import pytest
 
-from tasks.ingest import ingest_task
+from tasks.ingest import ingest, load_raw
 from variational import sqlview
-from variational.config import DataConfig, RunConfig
-from variational.stage import finish_stage
-from variational.store import StageStore, run_stages
+from variational.store import StageStore, record_stage, run_stages
 
 RUN = "sqltest"
 
@@ -21,17 +20,17 @@ RUN = "sqltest"
 def write_stage(root: Path, stage: str, df: pl.DataFrame, round_: int = 1, fp: str | None = None) -> dict:
     store = StageStore(root, RUN, stage, fp or f"{stage}-r{round_}")
     store.write_shard(0, df)
-    return finish_stage(store, round_, rows_in=df.height)
+    manifest = store.finish(round_=round_)
+    record_stage(root, RUN, manifest, computed=True)
+    return manifest
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run holding `problems` from the real ingest task; the other tables are added per test."""
+    """A run holding `problems` from the real ingest of the embedded set; other tables are added per test."""
     root = tmp_path_factory.mktemp("data")
-    cfg = RunConfig(
-        name=RUN, data_root=str(root), base_model="none", data=DataConfig(dataset="embedded:mini_stratos")
-    )
-    ingest_task.fn(cfg.model_dump(), {})
+    problems, _rejects = ingest(load_raw("embedded:mini_stratos"))
+    write_stage(root, "ingest", problems)
     return root
 
 
@@ -188,3 +187,91 @@ def test_resolve_query_and_saved_queries(tmp_path: Path) -> None:
     assert sqlview.resolve_query(str(f)) == "SELECT 2"
     with pytest.raises(FileNotFoundError, match="saved queries"):
         sqlview.resolve_query("nope.sql")
+
+
+# ---------------------------------------------------------------- read-only: every attack of issue 11 item 6
+@pytest.fixture
+def small_run(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    write_stage(root, "verify", pl.DataFrame({"prompt_idx": [0, 1], "correct": [True, False]}))
+    return root
+
+
+def files_under(path: Path) -> set[Path]:
+    return {p for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("attack", "refusal"),
+    [
+        ("COPY (SELECT 1 AS prompt_idx) TO '{stage}/part-00001.parquet'", "COPY statements are refused"),
+        ("COPY verdicts TO '{stage}/../../stolen.csv'", "COPY statements are refused"),
+        ("SELECT 1; COPY verdicts TO '{stage}/x.parquet'", "COPY statements are refused"),
+        ("ATTACH '{stage}/evil.db' AS evil", "ATTACH statements are refused"),
+        ("CREATE TABLE t AS SELECT 1", "CREATE statements are refused"),
+        ("EXPORT DATABASE '{stage}/dump'", "EXPORT statements are refused"),
+        ("INSTALL httpfs", "LOAD statements are refused"),
+        ("LOAD httpfs", "LOAD statements are refused"),
+        ("SET enable_external_access = true", "SET statements are refused"),
+        ("EXPLAIN ANALYZE COPY verdicts TO '{stage}/x.csv'", "EXPLAIN statements are refused"),
+        ("SELECT * FROM read_csv('/etc/passwd')", "Permission Error"),
+        ("SELECT * FROM read_text('{stage}/../../../../../../etc/hostname')", "Permission Error"),
+        ("SELECT * FROM glob('/*')", "Permission Error"),
+        ("SELECT * FROM query('COPY verdicts TO ''{stage}/x.csv''')", "single SELECT"),
+    ],
+)
+def test_sql_cannot_write_or_read_outside_the_run(small_run: Path, attack: str, refusal: str) -> None:
+    stage = small_run / RUN / "verify" / "verify-r1"
+    before = files_under(small_run.parent)
+    with pytest.raises(sqlview.SqlError, match=refusal) as err:
+        sqlview.run_sql(small_run, RUN, attack.format(stage=stage))
+    assert "\n" not in str(err.value)
+    assert files_under(small_run.parent) == before  # nothing written, anywhere under the test folder
+    assert sqlview.run_sql(small_run, RUN, "SELECT count(*) FROM verdicts").item() == 2
+
+
+def test_the_run_itself_stays_readable(small_run: Path) -> None:
+    stage = small_run / RUN / "verify" / "verify-r1"
+    described = sqlview.run_sql(small_run, RUN, "DESCRIBE verdicts")
+    assert described["column_name"].to_list() == ["prompt_idx", "correct"]
+    manifest = sqlview.run_sql(small_run, RUN, f"SELECT rows FROM read_json('{stage}/manifest.json')")
+    assert manifest.item() == 2
+    with pytest.raises(sqlview.SqlError, match="Permission Error"):  # `run` must not open `run2`
+        sqlview.run_sql(small_run, RUN, f"SELECT * FROM read_json('{small_run / (RUN + '2')}/x.json')")
+
+
+def test_connection_lock_holds_without_the_statement_check(small_run: Path) -> None:
+    """`connect` (also used by the report) is locked on its own: the configuration cannot be undone."""
+    con = sqlview.connect(small_run, RUN)
+    for statement in (
+        "SET enable_external_access = true",
+        "SET lock_configuration = false",
+        "SET allowed_directories = ['/']",
+    ):
+        with pytest.raises(duckdb.InvalidInputException, match="locked"):
+            con.execute(statement)
+    with pytest.raises(duckdb.PermissionException):
+        con.execute("SELECT * FROM read_csv('/etc/passwd')")
+    with pytest.raises(duckdb.Error):
+        con.execute("LOAD httpfs")
+    assert con.execute("SELECT count(*) FROM verdicts").fetchone() == (2,)
+
+
+def test_invalid_sql_is_one_line(small_run: Path) -> None:
+    with pytest.raises(sqlview.SqlError, match="syntax error") as err:
+        sqlview.run_sql(small_run, RUN, "SELEC prompt_idx FROM verdicts")
+    assert "\n" not in str(err.value)
+    with pytest.raises(sqlview.SqlError, match="(?s)nope.*has the tables") as err:
+        sqlview.run_sql(small_run, RUN, "SELECT * FROM nope")
+    assert "\n" not in str(err.value)
+
+
+def test_a_damaged_shard_leaves_the_other_tables_queryable(small_run: Path) -> None:
+    write_stage(small_run, "weights", pl.DataFrame({"prompt_idx": [0], "selected": [True]}))
+    shard = small_run / RUN / "weights" / "weights-r1" / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:20])  # truncated
+    assert sqlview.run_sql(small_run, RUN, "SELECT count(*) FROM verdicts").item() == 2
+    status = sqlview.run_sql(small_run, RUN, "SELECT status FROM run_stages WHERE stage = 'weights'").item()
+    assert status.startswith("unreadable")
+    with pytest.raises(sqlview.SqlError, match="weights"):
+        sqlview.run_sql(small_run, RUN, "SELECT * FROM weights")

@@ -58,16 +58,19 @@ def test_writer_killed_mid_write_leaves_no_shard_and_rerun_completes(tmp_path: P
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not store.has_shard(0), "a killed writer must never leave a part file"
-    assert store.shard_ids() == [] and not store.is_complete()
+    assert store.shard_files() == [] and not store.is_complete()
     assert [p.name.split("-")[1] for p in store.dir.iterdir()] == ["00000.parquet.tmp"]  # only the temp file
     with pytest.raises(FileNotFoundError, match="rerun"):
         store.read()
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        read_stage(tmp_path, {"stage": "rollouts", "path": "run/rollouts/fp"})
 
     rerun = start_writer(tmp_path)
     assert rerun.wait(timeout=120) == 0
-    assert store.shard_ids() == [0]
-    manifest = store.finish()
-    assert manifest["rows"] == ROWS == read_stage(manifest).height  # the stale temp file is not read
+    assert [p.name for p in store.shard_files()] == ["part-00000.parquet"]
+    manifest = store.finish(round_=1)
+    # the stale temp file is not read
+    assert manifest["rows"] == ROWS == read_stage(tmp_path, manifest).height
 
 
 def test_failed_write_cleans_its_temp_file(tmp_path: Path) -> None:
@@ -82,7 +85,7 @@ def test_manifest_fields_and_run_json(tmp_path: Path) -> None:
     store.write_shard(0, pl.DataFrame({"prompt_idx": [0, 1], "correct": [True, False]}))
     store.write_shard(1, pl.DataFrame({"prompt_idx": [2], "correct": [True]}))
     assert not store.is_complete()
-    m = store.finish(rows_in=3, round=1)
+    m = store.finish(rows_in=3, round_=1)
     assert store.is_complete() and store.manifest() == json.loads(json.dumps(m, default=str))
     assert {
         "stage",
@@ -104,10 +107,12 @@ def test_manifest_fields_and_run_json(tmp_path: Path) -> None:
     )
     assert m["schema"] == {"prompt_idx": "Int64", "correct": "Boolean"}
     assert m["rows_in"] == 3 and "polars" in m["libraries"]
-    assert read_stage(m)["prompt_idx"].to_list() == [0, 1, 2]
+    assert m["path"] == "run/verdicts/abc123"  # relative to the data root
+    assert [f["rows"] for f in m["files"]] == [2, 1]
+    assert read_stage(tmp_path, m)["prompt_idx"].to_list() == [0, 1, 2]
 
-    record_stage(tmp_path, "run", "verdicts", m, 1)
-    record_stage(tmp_path, "run", "verdicts", {**m, "fingerprint": "def456"}, 2)
+    record_stage(tmp_path, "run", m, computed=True)
+    record_stage(tmp_path, "run", {**m, "fingerprint": "def456", "round": 2}, computed=False)
     stages = run_stages(tmp_path, "run")
     assert (
         stages["verdicts"]["1"]["fingerprint"] == "abc123"

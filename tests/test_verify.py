@@ -9,20 +9,22 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import finished_stage
 
 from tasks.verify import (
-    HARD_GRACE_S,
+    OURS,
+    PRIOR_VERDICTS,
+    RULES,
+    VERDICTS,
     MathPool,
     check_answers,
     check_code,
     verifier_report,
     verify,
-    verify_prior_task,
-    verify_task,
 )
 from variational import templates
 from variational.config import RunConfig, VerifyConfig
-from variational.store import StageStore
+from variational.runner import run_stage, stage_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +107,28 @@ def test_keeps_order_and_extra_columns(pool: MathPool) -> None:
     assert empty.height == 0 and "status" in empty.columns
 
 
+# each rule of MathRules on a case whose verdict flips when the rule is off (region_cap is a time guard)
+RULE_CASES = {
+    "solution_section": (templates.pi_response("say \\boxed{3}? no.", "Recounting gives $4$."), ["4"]),
+    "boxed_priority": ("So $\\boxed{5}$.\n\nThe final answer is $6$", ["5"]),
+    "gold_wrap": ("The roots are $\\boxed{-2, 1}$.", ["-2,1"]),  # math500 writes several answers so
+    "bare_answer": ("(\\frac{3}{5},\\frac{8}{3}]", ["$(\\frac{3}{5},\\frac{8}{3}]$"]),  # not a set
+    "comma_both": ("1.22", ["1,22"]),  # a decimal comma, math-verify's reading
+}
+
+
+def test_each_rule_decides_its_case(pool: MathPool) -> None:
+    assert set(RULES) == set(RULE_CASES) | {"region_cap"}
+    rows = list(RULE_CASES.values())
+    assert check(pool, rows)["correct"].all()
+    df = check(pool, rows).select("text", "gold")
+    for i, rule in enumerate(RULE_CASES):
+        assert not check_answers(df, pool=pool, rules=OURS.without(rule))["correct"][i], rule
+    # a list gold is not matched by one of its members, whichever way it is written
+    out = check(pool, [("$\\boxed{-2}$", ["10, 4, -2"]), ("$\\boxed{1}$", ["-2,1"]), ("$x=2$", ["x=2"])])
+    assert out["correct"].to_list() == [False, False, True]
+
+
 # ---------------------------------------------------------------- deadlines
 PATHOLOGICAL = [
     "\\boxed{" + "{" * 50_000,  # unclosed, deeply nested
@@ -118,17 +142,13 @@ PATHOLOGICAL = [
 def test_pathological_rows_return_in_time(pool: MathPool) -> None:
     timeout_s = 1.0
     rows = [("\\boxed{2}", ["2"])] + [(t, ["1"]) for t in PATHOLOGICAL] + [("\\boxed{3}", ["3"])]
-    t0 = time.perf_counter()
     out = check(pool, rows, timeout_s=timeout_s)
-    wall = time.perf_counter() - t0
     status = out["status"].to_list()
     assert status[0] == status[-1] == "ok"
     assert set(status[1:-1]) <= {"timeout", "no_answer", "wrong", "error"}, status
-    assert "timeout" in status  # the power tower cannot finish in 1 s
-    limit_ms = (timeout_s + HARD_GRACE_S) * 1e3 + 500
-    assert (out["elapsed_ms"] <= limit_ms).all(), out["elapsed_ms"].to_list()
-    # 7 rows on 2 workers, each at most timeout + grace: never more than the rows of one worker
-    assert wall < len(rows) * (timeout_s + HARD_GRACE_S), wall
+    # the power tower cannot finish in 1 s: only a deadline gives it this status (no wall-clock assertion,
+    # the machine may be loaded; the row after it still being verified shows the pool went on)
+    assert "timeout" in status
 
 
 # ---------------------------------------------------------------- code
@@ -156,17 +176,15 @@ def test_check_code() -> None:
         },
         schema_overrides={"tests": pl.List(pl.Struct({"input": pl.String, "output": pl.String}))},
     )
-    t0 = time.perf_counter()
-    out = check_code(df, timeout_s=1.5, memory_mb=256)
-    assert time.perf_counter() - t0 < 20
+    out = check_code(df, timeout_s=1.5, memory_mb=256)  # "loop" -> timeout below: the deadline held
     got = dict(zip(out["name"], out["status"], strict=True))
     expected = {
         "correct": "ok",
         "wrong": "wrong",
-        "crash": "wrong",
+        "crash": "wrong",  # officially SystemExit ends a program normally: it printed nothing
         "loop": "timeout",
-        "memory": "wrong",  # MemoryError under RLIMIT_AS
-        "no_code": "no_answer",
+        "memory": "sandbox_violation",  # MemoryError under RLIMIT_AS
+        "no_code": "no_code",
         "no_tests": "gold_unparsable",
     }
     assert got == expected
@@ -221,20 +239,16 @@ def test_verify_task_writes_and_reuses(tmp_path: Path) -> None:
             }
         ),
     }
-    upstream = {}
-    for name, df in inputs.items():
-        st = StageStore(tmp_path, "t", name, f"fp-{name}")
-        st.write_shard(0, df)
-        upstream[name] = st.finish()
-    manifest = verify_task.fn(cfg, upstream)
+    upstream = {name: finished_stage(tmp_path, "t", name, df) for name, df in inputs.items()}
+    manifest = run_stage(VERDICTS, cfg, upstream)
     assert manifest["rows"] == 3 and manifest["shards"] == 2
-    out = pl.read_parquet(Path(manifest["path"]) / "*.parquet")
+    out = pl.read_parquet(tmp_path / manifest["path"] / "part-*.parquet")
     assert out["status"].to_list() == ["ok", "wrong", "no_answer"]
-    assert verify_task.fn(cfg, upstream)["fingerprint"] == manifest["fingerprint"]
-    cfg["verify"]["workers"] = 2  # speed only: same fingerprint
-    assert verify_task.fn(cfg, upstream)["fingerprint"] == manifest["fingerprint"]
+    assert run_stage(VERDICTS, cfg, upstream) == manifest  # reused
+    cfg["verify"]["workers"] = 2  # speed only: same stage, reused
+    assert run_stage(VERDICTS, cfg, upstream) == manifest
     cfg["verify"]["timeout_s"] = 2.0
-    assert verify_task.fn(cfg, upstream)["fingerprint"] != manifest["fingerprint"]
+    assert stage_fingerprint(VERDICTS, cfg, upstream) != manifest["fingerprint"]
 
 
 def test_verify_prior_task_reads_responses(tmp_path: Path) -> None:
@@ -254,33 +268,46 @@ def test_verify_prior_task_reads_responses(tmp_path: Path) -> None:
             }
         ),
     }
-    upstream = {}
-    for name, df in inputs.items():
-        st = StageStore(tmp_path, "t", name, f"fp-{name}")
-        st.write_shard(0, df)
-        upstream[name] = st.finish()
-    manifest = verify_prior_task.fn(cfg, upstream, 2)
-    out = pl.read_parquet(Path(manifest["path"]) / "*.parquet")
+    upstream = {name: finished_stage(tmp_path, "t", name, df) for name, df in inputs.items()}
+    manifest = run_stage(PRIOR_VERDICTS, cfg, upstream, 2)
+    out = pl.read_parquet(tmp_path / manifest["path"] / "part-*.parquet")
     assert out.select("sample_idx", "round", "correct").rows() == [(0, 2, True), (1, 2, False)]
-    assert (
-        manifest["fingerprint"]
-        != verify_task.fn(cfg, {"rollouts": upstream["prior_samples"], "problems": upstream["problems"]})[
-            "fingerprint"
-        ]
-    )
 
 
 # ---------------------------------------------------------------- agreement with labelled pairs
-def test_agreement_with_labelled_pairs(pool: MathPool, shared_data: Path) -> None:
-    agreement, disagreements = verifier_report(shared_data, pool=pool)
-    by_file = {r["file"]: r for r in agreement.iter_rows(named=True)}
-    # measured 261/268 = 0.974: the 7 misses are rows whose unit test used another verifier_config
-    # (expr-only / latex-only match types, precision 2, strict=False, set-relation comparison)
-    assert by_file["math_verify"]["agreement"] >= 0.95
-    # measured 14/16: hendrycks' string is_equiv holds "4, 10, -2" != "10, 4, -2"; math-verify compares sets
-    assert by_file["hendrycks_is_equiv"]["agreement"] >= 0.85
-    assert by_file["math_verify"]["timeout_or_error"] == 0
-    assert disagreements.height == sum(r["pairs"] - r["agree"] for r in by_file.values())
+def agreement_by_set(pool: MathPool, data: Path, sets: tuple[str, ...]) -> tuple[dict, pl.DataFrame]:
+    # a generous deadline: a loaded machine must not turn a slow row into a disagreement
+    agreement, disagreements = verifier_report(data, timeout_s=20.0, sets=sets, pool=pool)
+    by = {(r["set"], r["verifier"]): r for r in agreement.iter_rows(named=True)}
+    for s in sets:
+        assert by[s, "ours"]["agree"] >= by[s, "plain"]["agree"], (s, by[s, "ours"], by[s, "plain"])
+        assert by[s, "ours"]["timeout_or_error"] == 0, by[s, "ours"]
+    return by, disagreements
+
+
+def test_agrees_with_labelled_pairs_at_least_as_often_as_plain_math_verify(
+    pool: MathPool, shared_data: Path
+) -> None:
+    by, disagreements = agreement_by_set(pool, shared_data, ("math_verify", "hendrycks_is_equiv"))
+    # measured 262/268 = 0.978, plain math-verify the same: the 6 misses are rows whose unit test used
+    # another verifier_config (latex-only match types, precision 2, strict=False, set-relation comparison)
+    assert by["math_verify", "ours"]["agreement"] >= 0.97
+    # measured 14/16, plain 7/16 (bare golds like "\frac34i" do not parse without delimiters); hendrycks'
+    # string is_equiv holds "4, 10, -2" != "10, 4, -2" where math-verify compares sets
+    assert by["hendrycks_is_equiv", "ours"]["agreement"] >= 0.85
+    ours_wrong = disagreements.filter(pl.col("ours") != pl.col("label"))
+    assert ours_wrong.height == sum(r["pairs"] - r["agree"] for (_, v), r in by.items() if v == "ours")
+
+
+@pytest.mark.slow
+def test_long_cot_outputs_agree_at_least_as_often_as_plain_math_verify(
+    pool: MathPool, shared_data: Path
+) -> None:
+    # 842 Sky-T1 completions (thought + solution) labelled by SkyThought's grader, itself noisy: most of
+    # our "false accepts" are `x(t) = <gold>` answers its string match rejects. Measured 802 (0.952) vs
+    # plain math-verify 772 (0.917): plain cannot parse bare golds such as "(-\infty,0]" or "(E)".
+    by, _ = agreement_by_set(pool, shared_data, ("longcot_skyt1",))
+    assert by["longcot_skyt1", "ours"]["agreement"] >= 0.94
 
 
 @pytest.mark.slow

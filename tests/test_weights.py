@@ -8,20 +8,21 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import finished_stage
 
 from tasks.weights import (
     CANDIDATE_COLUMNS,
     OUTPUT_COLUMNS,
+    WEIGHTS,
     effective_sample_size,
     question_weights,
     score_candidates,
     score_candidates_reference,
     think_log_ratio,
     weights,
-    weights_task,
 )
 from variational.config import RunConfig, WeightsConfig
-from variational.store import StageStore
+from variational.runner import run_stage
 
 CAND_SCHEMA = {
     "prompt_idx": pl.Int64,
@@ -446,15 +447,11 @@ def test_effective_sample_size():
 
 def test_weights_task_writes_and_reuses(stage_inputs, tmp_path: Path):
     cfg = RunConfig(name="t", base_model="embedded:smollm2-135m", data_root=str(tmp_path)).model_dump()
-    upstream = {}
-    for name, df in stage_inputs.items():
-        st = StageStore(tmp_path, "t", name, f"fp-{name}")
-        st.write_shard(0, df)
-        upstream[name] = st.finish()
-    manifest = weights_task.fn(cfg, upstream)
+    upstream = {name: finished_stage(tmp_path, "t", name, df) for name, df in stage_inputs.items()}
+    manifest = run_stage(WEIGHTS, cfg, upstream)
     assert manifest["rows"] == 3
-    out = pl.read_parquet(Path(manifest["path"]) / "part-00000.parquet")
+    out = pl.read_parquet(tmp_path / manifest["path"] / "part-00000.parquet")
     assert out["selected"].sum() == 2
-    assert weights_task.fn(cfg, upstream)["fingerprint"] == manifest["fingerprint"]
+    assert run_stage(WEIGHTS, cfg, upstream) == manifest  # reused, not recomputed
     cfg["weights"]["estimator"] = "gml"
-    assert weights_task.fn(cfg, upstream)["fingerprint"] != manifest["fingerprint"]
+    assert run_stage(WEIGHTS, cfg, upstream)["fingerprint"] != manifest["fingerprint"]

@@ -24,30 +24,34 @@ mask (dense for sdpa/eager, a BlockMask for flex_attention), provided use_cache=
 detection is skipped). tests/test_sft.py checks losses and gradients are equal packed and alone (on an
 H200 too, 2026-11-26: flex_attention and sdpa, fp32 loss rel. diff 4e-8). attn_implementation "auto" is
 flex_attention on CUDA (packed rows rounded up to a quarter of the budget, see `_pad_multiple`), sdpa on
-CPU. On CUDA the loop runs bf16 autocast over fp32 weights with gradient checkpointing; on CPU plain fp32.
+CPU. Weights and optimizer state are fp32; the forward runs under bf16 autocast where the device has bf16
+(trainers/distributed.py `choose_precision`, logged at start); on CUDA with gradient checkpointing.
 
-Checkpoints. `out_dir/checkpoints/step-XXXXX/` every cfg.save_steps steps (0: each epoch end): accelerate's
-state (model.safetensors, optimizer, RNG) + config, tokenizer and `trainer_state.json` (step), written to a
-temp folder and renamed. The lr is a pure function of the step, so the step is the scheduler state. A new
-`train` call on the same out_dir resumes from the last checkpoint with the same data order. Checkpoints are
-deleted once the final model is saved. Under FSDP a checkpoint holds sharded weights (not an HF folder).
+Checkpoints (trainers/checkpoint.py). Every cfg.save_steps optimizer steps (0: each epoch end) and after
+cfg.save_minutes of training since the last one, so a killed run keeps its work. A stop request
+(variational.shutdown: SIGTERM/SIGINT) is polled at every micro-batch boundary: the partial step is
+abandoned, a checkpoint of the last complete step is written and StopRequested is raised. The lr is a pure
+function of the step and the data order of (seed, epoch), so the step is the whole schedule state: a new
+`train` call on the same out_dir resumes from the last checkpoint and ends with the same weights.
 
-Multi-GPU (FSDP through accelerate; the same loop runs single-process):
-    accelerate launch --config_file configs/accelerate_fsdp.yaml -m trainers.sft \\
+Processes (trainers/distributed.py). One loop for 1 and N processes. Under torchrun (trainers/launch.py
+starts it from the fine-tune stages when num_processes > 1; by hand:
+    torchrun --standalone --nproc_per_node 8 -m trainers.sft \\
         --model MODEL_DIR --data train.parquet --out OUT_DIR --config configs/full-17k.yaml --section final
-Every process tokenises the whole set and plans the same steps; process r takes micro-batches r, r+W, ...
-of each step (padded with empty micro-batches so all take the same number of forward/backward passes).
-Gradients are averaged over processes, so each process scales its loss by W.
+) the model is sharded with FSDP2 `fully_shard` (NCCL on GPU, gloo on CPU). Every process tokenises the
+whole set and plans the same steps; process r takes micro-batches r, r+W, ... of each step (padded with
+empty micro-batches so all run the same number of forward/backward passes). FSDP2 averages gradients over
+processes, so each process scales its loss by W; the result equals one process on the same global batch.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import logging
 import math
 import os
-import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,12 +62,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from trainers import checkpoint, distributed
+from trainers.checkpoint import CHECKPOINTS, checkpoints
+from variational import shutdown
 from variational.config import TrainConfig
 
-CHECKPOINTS = "checkpoints"
+__all__ = ["CHECKPOINTS", "METRICS", "checkpoints", "train"]
 METRICS = "train_metrics.json"
-STATE = "trainer_state.json"
 IGNORE = -100
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- examples -> token ids
@@ -186,9 +193,8 @@ def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
     # use_cache=False: with a cache transformers skips the packed-sequence detection (cross-contamination)
     logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
     labels, weights = labels[:, keep], batch["loss_weights"][:, keep]
-    ce = F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none"
-    )
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays (tests)
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
     return (ce * weights.flatten()).sum(), int((labels != IGNORE).sum())
 
 
@@ -231,44 +237,7 @@ def shard_step(step: list[Example], budget: int, world: int, rank: int, packed: 
     return micro[rank::world]
 
 
-# ---------------------------------------------------------------- checkpoints
-def checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints (renamed into place), oldest first."""
-    root = out_dir / CHECKPOINTS
-    return sorted(p for p in root.glob("step-*") if (p / STATE).exists()) if root.exists() else []
-
-
-def save_checkpoint(accelerator, model, tokenizer, out_dir: Path, step: int, log: list[dict]) -> None:
-    final = out_dir / CHECKPOINTS / f"step-{step:05d}"
-    tmp = final.with_name(f".{final.name}.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / STATE).write_text(json.dumps({"step": step, "log": log}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoints(out_dir)[:-1]:  # keep only the newest complete one
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
 # ---------------------------------------------------------------- the loop
-def _accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
-
-    cuda = torch.cuda.is_available()
-    # `accelerate launch` sets the precision from its config file; a plain run follows cfg.mixed_precision
-    # (auto: bf16 autocast on GPU, fp32 on CPU; bf16 on a CPU with AMX measured 1.6x faster per step)
-    auto = "bf16" if cuda else "no"
-    chosen = auto if cfg.mixed_precision == "auto" else cfg.mixed_precision
-    precision = None if "ACCELERATE_MIXED_PRECISION" in os.environ else chosen
-    return Accelerator(cpu=not cuda, mixed_precision=precision)
-
-
 def _attn(cfg: TrainConfig) -> str:
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
@@ -284,6 +253,27 @@ def _pad_multiple(attn: str, packed: bool, budget: int) -> int:
     return -(-budget // 4 // 128) * 128
 
 
+def _load_model(model_dir: str | Path, cfg: TrainConfig, runtime: distributed.Runtime, attn: str):
+    """fp32 weights on the runtime's device, sharded when there are several processes, and its AdamW."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+    model.to(runtime.device)
+    if runtime.device.type == "cuda":  # long traces: trade compute for activation memory
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model = distributed.shard(model, runtime)  # before the optimizer: it must hold the sharded parameters
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # no decay on norms and biases, as HF Trainer
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+    )
+    return model, optimizer
+
+
 def train(
     model_dir: str | Path,
     examples: pl.DataFrame,
@@ -293,19 +283,32 @@ def train(
     progress: bool = True,
     packed: bool = True,
     stop_after: int | None = None,
+    log: logging.Logger | logging.LoggerAdapter = logger,
 ) -> dict:
     """Weighted SFT of `model_dir` on `examples` -> HF folder `out_dir`; returns the metrics.
 
     Resumes from `out_dir/checkpoints` and returns the saved metrics when `out_dir` is already complete.
     `packed=False` pads one example per row instead (for comparison); `stop_after=N` stops after step N
-    without saving the final model, as a crash would (for tests)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    without saving the final model, as a crash would (for tests). Raises shutdown.StopRequested after
+    checkpointing when a stop is requested. Under torchrun every process calls this."""
+    from transformers import AutoTokenizer
 
     out_dir = Path(out_dir)
     if (out_dir / METRICS).exists():
         return json.loads((out_dir / METRICS).read_text())
     t_start = time.time()
-    accelerator = _accelerator(cfg)
+    runtime = distributed.start(cfg.mixed_precision)
+    main = runtime.is_main
+    if main:
+        log.info(
+            "sft: %d process(es) on %s, precision %s (%s)",
+            runtime.world,
+            runtime.device,
+            runtime.precision,
+            runtime.reason,
+        )
+        if runtime.precision == "bf16" and distributed.SLOW_BF16_WARNING in runtime.reason:
+            log.warning("sft: %s", distributed.SLOW_BF16_WARNING)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = tokenize_examples(tokenizer, examples, cfg)
     kept = [e for e in data if e.n_response > 0]
@@ -313,110 +316,116 @@ def train(
         raise ValueError(f"no example has a response token within max_length={cfg.max_length}")
     avg_len = sum(e.n_response for e in kept) / len(kept)
     steps = plan_steps(len(kept), cfg)
-    world, rank = accelerator.num_processes, accelerator.process_index
-
     attn = _attn(cfg)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
     pad_to = _pad_multiple(attn, packed, cfg.micro_batch_tokens)
+    model, optimizer = _load_model(model_dir, cfg, runtime, attn)
     save_dtype = getattr(model.config, "dtype", None) or torch.float32
-    if torch.cuda.is_available():  # long traces: trade compute for activation memory
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    decay = [p for p in model.parameters() if p.ndim >= 2]  # no decay on norms and biases, as HF Trainer
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps,
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
 
-    start, log = 0, []
+    start, step_log = 0, []
     if done := checkpoints(out_dir):
-        accelerator.load_state(str(done[-1]))
-        state = json.loads((done[-1] / STATE).read_text())
-        start, log = state["step"], state["log"]
-    per_epoch = math.ceil(len(kept) / cfg.batch_size)
-    save_every = cfg.save_steps or per_epoch
-    ddp = accelerator.distributed_type.value == "MULTI_GPU"
+        start, step_log = checkpoint.load(model, optimizer, done[-1])
+        if main:
+            log.info("sft: resumed from %s (step %d of %d)", done[-1], start, len(steps))
+    save_every = cfg.save_steps or math.ceil(len(kept) / cfg.batch_size)
+    saved_at, last_save = start, time.monotonic()
+    pad_example = Example([tokenizer.pad_token_id or 0] * 2, 1, [0.0], False)
+
+    def save(completed: int) -> None:
+        nonlocal saved_at, last_save
+        checkpoint.save(runtime, model, optimizer, tokenizer, out_dir, completed, step_log)
+        saved_at, last_save = completed, time.monotonic()
+
+    def accumulate(micro: list[list[Example]], denom: float) -> tuple[float, int, int] | None:
+        """Forward/backward of this process's micro-batches of one step: (Σ w·CE, tokens, positions), or
+        None when a stop was requested at a micro-batch boundary (then nothing of the step is applied)."""
+        loss_sum, n_tok, n_pos = torch.zeros((), device=runtime.device), 0, 0
+        for j, mb in enumerate(micro):
+            if runtime.any(shutdown.stop_requested()):  # every process must leave at the same boundary
+                return None
+            # an empty micro-batch (padding for other ranks) runs one pad token with zero weight
+            batch = collate(mb or [pad_example], packed, tokenizer.pad_token_id or 0, pad_to)
+            batch = {k: v.to(runtime.device) for k, v in batch.items()}
+            distributed.gradient_sync(model, runtime, last_micro_batch=j == len(micro) - 1)
+            with runtime.autocast():
+                wsum, _ = micro_batch_loss(model, batch)
+            (wsum * (runtime.world / denom)).backward()
+            loss_sum += wsum.detach()
+            n_tok += sum(len(e.ids) for e in mb)
+            n_pos += batch["input_ids"].numel() if mb else 0
+        return loss_sum.item(), n_tok, n_pos
+
+    def stop_at(completed: int) -> None:
+        """Abandon the partial step and keep the last complete one."""
+        optimizer.zero_grad(set_to_none=True)
+        if completed > saved_at:
+            save(completed)
+        if main:
+            log.warning("sft: stopped; resumes from step %d of %d in %s", saved_at, len(steps), out_dir)
 
     model.train()
-    bar = tqdm(
-        range(start, len(steps)),
-        desc="sft",
-        unit="step",
-        disable=not (progress and accelerator.is_main_process),
-    )
-    bar.update(0)
+    bar = tqdm(range(start, len(steps)), desc="sft", unit="step", disable=not (progress and main))
     for s in bar:
         t0 = time.perf_counter()
         step = [kept[i] for i in steps[s]]
         denom = normaliser(cfg.loss_normalizer, step, avg_len)
-        micro = shard_step(step, cfg.micro_batch_tokens, world, rank, packed)
+        micro = shard_step(step, cfg.micro_batch_tokens, runtime.world, runtime.rank, packed)
         lr = lr_at(s, len(steps), cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, n_tok, n_pos = torch.zeros((), device=accelerator.device), 0, 0
-        for j, mb in enumerate(micro):
-            # an empty micro-batch (padding for other ranks) runs one pad token with zero weight
-            batch = collate(
-                mb or [Example([tokenizer.pad_token_id or 0] * 2, 1, [0.0], False)],
-                packed,
-                tokenizer.pad_token_id or 0,
-                pad_to,
-            )
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            sync = (
-                contextlib.nullcontext() if (not ddp or j == len(micro) - 1) else accelerator.no_sync(model)
-            )
-            with sync:
-                wsum, _ = micro_batch_loss(model, batch)
-                accelerator.backward(wsum * (world / denom))
-            loss_sum += wsum.detach()
-            n_tok += sum(len(e.ids) for e in mb)
-            n_pos += batch["input_ids"].numel() if mb else 0
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        try:
+            sums = accumulate(micro, denom)
+        except shutdown.StopRequested:
+            # raised inside a forward/backward (a second signal, or no safe point within the grace): the
+            # weights and optimizer are still those after step s, but another process may be stuck in a
+            # collective, so only a lone process saves them
+            if runtime.world == 1:
+                stop_at(s)
+            raise
+        if sums is None:  # every process saw the stop at the same micro-batch boundary
+            stop_at(s)
+            shutdown.check()
+            raise shutdown.StopRequested("SIGTERM")  # another process was signalled, not this one
+        loss_sum, n_tok, n_pos = sums
+        grad_norm = distributed.clip_grad_norm(model, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = accelerator.reduce(loss_sum, "sum").item() / denom
-        stats = torch.tensor([n_tok, n_pos], device=accelerator.device, dtype=torch.float64)
-        n_tok, n_pos = accelerator.reduce(stats, "sum").tolist()
-        dt = time.perf_counter() - t0
-        entry = {
-            "step": s + 1,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": float(grad_norm),
-            "tokens": int(n_tok),
-            "tokens_per_s": n_tok / dt,
-            "padding_fraction": 1 - n_tok / max(1, n_pos),
-        }
-        log.append(entry)
-        bar.set_postfix(
-            loss=f"{loss:.4f}",
-            lr=f"{lr:.2e}",
-            tok_s=f"{n_tok / dt:.0f}",
-            pad=f"{entry['padding_fraction']:.2f}",
-        )
-        if (s + 1) % save_every == 0 and s + 1 < len(steps):
-            save_checkpoint(accelerator, model, tokenizer, out_dir, s + 1, log)
+        timed = cfg.save_minutes > 0 and time.monotonic() - last_save >= 60 * cfg.save_minutes
+        # one collective for the step's totals and the time-based save (process 0's clock need not agree)
+        loss_total, n_tok, n_pos, timed = runtime.sum([loss_sum, n_tok, n_pos, float(timed)])
+        entry = _step_entry(s, loss_total / denom, lr, grad_norm, n_tok, n_pos, time.perf_counter() - t0)
+        step_log.append(entry)
+        bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
+        if main and not (progress and sys.stderr.isatty()):
+            log.info(
+                "sft: step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s",
+                s + 1, len(steps), entry["loss"], lr, entry["grad_norm"], entry["tokens_per_s"],
+            )  # fmt: skip
+        if s + 1 < len(steps) and ((s + 1) % save_every == 0 or timed > 0):
+            save(s + 1)
         if stop_after is not None and s + 1 >= stop_after:
-            return {"steps": s + 1, "stopped": True, "log": log}
+            return {"steps": s + 1, "stopped": True, "log": step_log}
 
-    state_dict = accelerator.get_state_dict(model)
-    metrics = _metrics(log, data, kept, avg_len, len(steps), time.time() - t_start, packed)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        state_dict = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-        accelerator.unwrap_model(model).save_pretrained(
-            out_dir, state_dict=state_dict, safe_serialization=True
-        )
-        tokenizer.save_pretrained(out_dir)
-        shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+    metrics = _metrics(step_log, data, kept, avg_len, len(steps), time.time() - t_start, packed)
+    checkpoint.save_final(runtime, model, tokenizer, out_dir, save_dtype)
+    if main:
         (out_dir / METRICS).write_text(json.dumps(metrics, indent=1))  # the completion marker, written last
-    accelerator.wait_for_everyone()
+        log.info("sft: %d steps, final loss %.4f -> %s", len(steps), metrics["final_loss"], out_dir)
+    runtime.barrier()
     return metrics
+
+
+def _step_entry(
+    s: int, loss: float, lr: float, grad_norm: float, n_tok: float, n_pos: float, dt: float
+) -> dict:
+    return {
+        "step": s + 1,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens": int(n_tok),
+        "tokens_per_s": n_tok / dt,
+        "padding_fraction": 1 - n_tok / max(1, n_pos),
+    }
 
 
 def _metrics(
@@ -448,24 +457,47 @@ def _metrics(
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m trainers.sft` (one process) or `torchrun ... -m trainers.sft` (N): the same loop.
+
+    Exits 143 / 130 after checkpointing on SIGTERM / SIGINT (torchrun forwards its SIGTERM to every
+    process), so a rerun of the same command resumes."""
     parser = argparse.ArgumentParser(prog="python -m trainers.sft", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="HF model folder or hub id to start from")
     parser.add_argument("--data", required=True, help="Parquet with prompt, response, weight [, think_chars]")
     parser.add_argument("--out", required=True, help="output folder (resumes when it holds checkpoints)")
     parser.add_argument("--config", help="run config YAML (configs/*.yaml); default: TrainConfig defaults")
     parser.add_argument("--section", default="final", choices=["pi_theta0", "q_phi", "final"])
+    parser.add_argument("--train-config", help="a TrainConfig as JSON (trainers/launch.py passes this)")
     parser.add_argument("--set", action="append", default=[], help="override a train field: key=value")
     args = parser.parse_args(argv)
     from variational.config import apply_overrides, load_config
 
-    cfg = getattr(load_config(args.config), args.section) if args.config else TrainConfig()
+    if args.train_config:
+        cfg = TrainConfig.model_validate_json(Path(args.train_config).read_text())
+    else:
+        cfg = getattr(load_config(args.config), args.section) if args.config else TrainConfig()
     if args.set:
         cfg = TrainConfig.model_validate(apply_overrides(cfg.model_dump(), args.set))
     examples = pl.read_parquet(args.data)
     if "weight" not in examples.columns:
         examples = examples.with_columns(weight=pl.lit(1.0))
-    metrics = train(args.model, examples, cfg, Path(args.out))
-    print(json.dumps({k: v for k, v in metrics.items() if k != "loss_curve"}, indent=1))
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(message)s"
+        if "WORLD_SIZE" in os.environ
+        else "%(asctime)s %(message)s",
+        stream=sys.stdout,
+    )
+    shutdown.install()
+    try:
+        metrics = train(args.model, examples, cfg, Path(args.out), progress=sys.stderr.isatty())
+    except shutdown.StopRequested as stop:
+        sys.exit(stop.exit_code)
+    finally:
+        distributed.close()
+    if rank == 0:
+        print(json.dumps({k: v for k, v in metrics.items() if k != "loss_curve"}))  # one line in a log
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Examples:
     variational sql tiny "select source, avg(correct) from verdicts join problems using (prompt_idx) group by 1"
     variational sql tiny -f sql/accuracy_by_source.sql
     variational serve                             # serve variational/{tiny,subset-1k,full-17k} to a Prefect server
+    variational plan full-17k --gpus 8            # work, GPU-hours and wall time before launching
 """
 
 from __future__ import annotations
@@ -14,18 +15,68 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+# Prefect's temporary server migrates its SQLite database on first use; its default 20 s wait failed in 3 of
+# 3 fresh homes on a loaded 2-core machine, while 120 s started 4 of 4 (issue 11 item 1).
+EPHEMERAL_STARTUP_TIMEOUT_S = 180
+API_HEALTH_TIMEOUT_S = 5.0
+
+
+class CliError(Exception):
+    """A problem the user fixes outside the code (a server down, a missing file); main prints one line."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _prefect_env(data_root: str) -> None:
-    """Results of cached tasks live in the data root, beside the tables they point to."""
+    """Results of cached tasks live in the data root, beside the tables they point to. Every value is a
+    default: a variable the user set wins."""
     os.environ.setdefault(
         "PREFECT_LOCAL_STORAGE_PATH", str(Path(data_root).resolve() / ".prefect" / "results")
     )
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here; avoids log noise
+    os.environ.setdefault(
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S)
+    )
+
+
+def prefect_api_url() -> str | None:
+    """The Prefect server the flow will talk to: $PREFECT_API_URL, else the active Prefect profile's;
+    None means a temporary server started for this run."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url
+
+
+def check_prefect_api(url: str | None, timeout_s: float = API_HEALTH_TIMEOUT_S) -> None:
+    """Fail fast, in one line, when a configured Prefect server does not answer its health check (otherwise
+    the flow dies later in a 38-frame traceback)."""
+    if not url:
+        return
+    health = url.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except urllib.error.HTTPError as err:
+        problem = f"HTTP {err.code}"
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        problem = str(getattr(err, "reason", err))
+    raise CliError(
+        f"no Prefect server answers at PREFECT_API_URL={url} ({health}: {problem}); start it with "
+        "`prefect server start`, or unset PREFECT_API_URL to run on a temporary server"
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -36,9 +87,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"data_root={args.data_root}")
     cfg = load_config(args.config, overrides)  # fail fast, before Prefect starts
     _prefect_env(cfg.data_root)
-    from flows.recipe import variational
+    from variational import shutdown
 
-    result = variational(config=str(args.config), overrides=overrides)
+    shutdown.install()  # SIGTERM / SIGINT: stop at a safe point, end every engine, exit 143 / 130
+    # no server configured: our own temporary one, out of reach of the signals sent to our process group
+    try:
+        url = prefect_api_url() or shutdown.start_shielded_prefect_server()
+    except RuntimeError as err:  # the temporary server did not come up: one line, not a traceback
+        raise CliError(str(err)) from None
+    check_prefect_api(url)
+    from flows.recipe import variational
+    from variational.executor import task_runner
+
+    flow = variational.with_options(task_runner=task_runner(cfg.executor))  # local threads, or Ray
+    try:
+        result = flow(config=str(args.config), overrides=overrides)
+    except BaseException as err:
+        if shutdown.requested_signal() is None:
+            raise
+        # whatever surfaced (StopRequested, Prefect's TerminationSignal, an engine that died of the
+        # signal too), the run was stopped: its finished stages and shards are on disk for the rerun
+        print(
+            f"run {cfg.name!r} stopped by {shutdown.requested_signal()}; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return shutdown.exit_code(err)
     print(f"run {cfg.name!r} finished; tables under {Path(cfg.data_root) / cfg.name}")
     if result.get("report"):
         print(f"report: {result['report']}")
@@ -47,12 +120,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _prefect_env(args.data_root or "data")
-    from prefect import serve
-
+    check_prefect_api(prefect_api_url())
     from flows.recipe import variational
+    from variational import shutdown
+    from variational.config import load_config
+    from variational.executor import task_runner
 
     deployments = [
-        variational.to_deployment(
+        variational.with_options(
+            task_runner=task_runner(load_config(REPO / "configs" / f"{name}.yaml").executor)
+        ).to_deployment(
             name=name,
             parameters={"config": str(REPO / "configs" / f"{name}.yaml"), "overrides": []},
             description=f"The variational recipe with configs/{name}.yaml",
@@ -60,8 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         for name in args.names
     ]
-    serve(*deployments, limit=args.limit)
-    return 0
+    return shutdown.serve(deployments, limit=args.limit)  # SIGTERM: cancel the runs in progress, exit 143
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
@@ -96,6 +172,20 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify_store(args: argparse.Namespace) -> int:
+    """Hash-check every file of a run against its manifests; set aside what is damaged (exit 1)."""
+    from variational.store import verify_run
+
+    results = verify_run(args.data_root, args.run, set_aside=not args.dry_run)
+    for stage, round_, bad in results:
+        print(f"{stage:<18} round {round_}: " + ("ok" if not bad else "DAMAGED: " + "; ".join(bad)))
+    damaged = sum(1 for *_, bad in results if bad)
+    if damaged:
+        verb = "would be set aside" if args.dry_run else "were set aside"
+        print(f"{damaged} stage(s) damaged; their files {verb}: rerun the flow to recompute them")
+    return 1 if damaged else 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from variational.report import write_report
 
@@ -111,10 +201,68 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_verifier_report(args: argparse.Namespace) -> int:
-    from tasks.verify import format_verifier_report, verifier_report
+    from tasks.verify import LABELLED_SETS, format_verifier_report, verifier_report
 
     data_dir = Path(args.data_dir) if args.data_dir else REPO.parent / "shared" / "data"
-    print(format_verifier_report(*verifier_report(data_dir)))
+    sets = [s.strip() for s in args.sets.split(",")] if args.sets else list(LABELLED_SETS)
+    if unknown := [s for s in sets if s not in LABELLED_SETS]:
+        raise CliError(f"verifier-report: unknown --sets {unknown}; choose from {','.join(LABELLED_SETS)}")
+    report = verifier_report(data_dir, args.timeout_s, sets=sets, ablate=args.ablate)
+    print(format_verifier_report(*report))
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    """Ingest's validation alone: exit 0 when every row is usable, 1 when some are rejected."""
+    import json
+
+    from tasks.ingest import check_dataset
+
+    try:
+        check = check_dataset(args.dataset, args.split, args.max_row_bytes)
+    except (OSError, ValueError) as err:  # no such file / hub dataset, unreadable JSON array
+        print(f"error: cannot read {args.dataset!r}: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(check.as_json(), ensure_ascii=False))
+    else:
+        print(
+            f"{args.dataset}: {check.rows} rows, {check.accepted} accepted, {check.rejects.height} rejected"
+        )
+        for r in check.rejects.iter_rows(named=True):
+            print(f"  row {r['row_index']} ({r['file']}, row {r['file_row']}): {r['reason']}")
+    return 1 if check.rejects.height else 0
+
+
+class IntermixedParser(argparse.ArgumentParser):
+    """Options before, between or after positionals (`sql RUN --data-root D "query"`): argparse's default
+    stops filling positionals at the first option and then calls the query an unrecognized argument.
+    A parser with sub-commands parses the default way (argparse cannot intermix those)."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        has_subcommands = any(isinstance(a, argparse._SubParsersAction) for a in self._actions)
+        if self._intermixing or has_subcommands:  # parse_known_intermixed_args calls us back
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from variational.config import load_config
+    from variational.plan import format_plan, plan
+
+    overrides = list(args.set or []) + ([f"data_root={args.data_root}"] if args.data_root else [])
+    estimate = plan(
+        load_config(args.config, overrides), gpus=args.gpus, cpus=args.cpus, use_data=not args.no_data
+    )
+    print(json.dumps(estimate.to_dict(), indent=2) if args.json else format_plan(estimate))
     return 0
 
 
@@ -122,13 +270,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="variational", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=IntermixedParser)
 
     r = sub.add_parser("run", help="run the whole flow for a config (no server needed)")
     r.add_argument("config", help="a YAML path or the name of one in configs/ (tiny, subset-1k, full-17k)")
     r.add_argument("--data-root", help="where tables and models go (default: the config's data_root)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. K=4")
     r.set_defaults(func=cmd_run)
+
+    pl = sub.add_parser("plan", help="estimate a run's work, GPU-hours and wall time before launching it")
+    pl.add_argument("config", help="a YAML path or the name of one in configs/")
+    pl.add_argument("--gpus", type=int, default=8, help="GPUs of the cluster (H200-class; default 8)")
+    pl.add_argument("--cpus", type=int, default=None, help="CPU cores for verification (default 12 per GPU)")
+    pl.add_argument("--data-root", help="where an earlier run's problems table may be (default: config's)")
+    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. K=4")
+    pl.add_argument("--no-data", action="store_true", help="ignore local data: use the paper's counts")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("serve", help="serve the deployments to a Prefect server (prefect server start)")
     s.add_argument("names", nargs="*", default=["tiny", "subset-1k", "full-17k"])
@@ -148,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--data-root", default="data")
     ls.set_defaults(func=cmd_runs)
 
+    vs = sub.add_parser("verify-store", help="hash-check a run's files; set aside damaged shards")
+    vs.add_argument("run")
+    vs.add_argument("--data-root", default="data")
+    vs.add_argument("--dry-run", action="store_true", help="only report, move nothing")
+    vs.set_defaults(func=cmd_verify_store)
+
     rep = sub.add_parser("report", help="write the markdown + PNG report of a run")
     rep.add_argument("run")
     rep.add_argument("--data-root", default="data")
@@ -160,21 +324,59 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--force", action="store_true")
     prep.set_defaults(func=cmd_models)
 
-    v = sub.add_parser("verifier-report", help="check_answers agreement with the labelled verification pairs")
+    v = sub.add_parser("verifier-report", help="plain math-verify and check_answers against labelled pairs")
     v.add_argument("--data-dir", help="folder with verify_pairs_*.jsonl (default: ../shared/data)")
+    v.add_argument("--sets", help="comma-separated names (default: all); see tasks.verify.LABELLED_SETS")
+    v.add_argument("--timeout-s", type=float, default=5.0, help="per-row deadline, as verify.timeout_s")
+    v.add_argument("--ablate", action="store_true", help="also run ours with each rule switched off in turn")
     v.set_defaults(func=cmd_verifier_report)
+
+    d = sub.add_parser("data", help="check a dataset before a run")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser(
+        "check", help="ingest's row validation alone: counts and every reject's row and reason"
+    )
+    dc.add_argument(
+        "dataset", metavar="PATH|HUB_ID", help="a .jsonl/.parquet file or folder, embedded:<name>, a hub id"
+    )
+    dc.add_argument("--split", default="train")
+    dc.add_argument(
+        "--max-row-bytes", type=int, default=1 << 20, help="reject larger rows (data.max_row_bytes)"
+    )
+    dc.add_argument(
+        "--json", action="store_true", help='print {"rows", "accepted", "rejected": [{"index", "reason"}]}'
+    )
+    dc.set_defaults(func=cmd_data_check)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a sub-command; the errors a user causes or fixes print one line (no traceback) and set the exit
+    code: 2 for a bad config, a missing run or file, an unreachable server; 1 for SQL that fails; 3 when
+    another run is computing a stage or a damaged file was set aside (rerun)."""
     args = build_parser().parse_args(argv)
+    import duckdb
+
     from variational.config import ConfigError
+    from variational.sqlview import SqlError
+    from variational.store import DamagedStage, StageLocked
 
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _fail(err, 2)
+    except (StageLocked, DamagedStage) as err:  # another run holds a stage; a file was set aside
+        return _fail(err, 3)
+    except CliError as err:
+        return _fail(err, err.exit_code)
+    except (SqlError, duckdb.Error) as err:
+        return _fail(err, 1)
+
+
+def _fail(err: Exception, exit_code: int) -> int:
+    message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    print(f"error: {message}", file=sys.stderr)
+    return exit_code
 
 
 if __name__ == "__main__":

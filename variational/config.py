@@ -1,16 +1,20 @@
 """The one typed config schema for a run (every knob of method.md §6).
 
 YAML in configs/ -> `RunConfig`. Unknown keys and bad values fail at load time with the key path and the
-allowed values. Each stage reads only its own sub-model; `fields_for(stage)` is what enters its fingerprint.
+allowed values. Each stage declares the fields it reads (variational/runner.py); `fields_for` gives their values for its
+fingerprint.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from variational import registry
 
 
 class Strict(BaseModel):
@@ -39,9 +43,17 @@ class TrainConfig(Strict):
     answer_weight: float | None = Field(None, ge=0, description="separate weight on answer tokens")
     seed: int = 42
     save_steps: int = Field(0, ge=0, description="checkpoint every N optimizer steps (0: each epoch end)")
+    save_minutes: float = Field(
+        10, ge=0, description="also checkpoint after this many minutes since the last one (0: off)"
+    )
+    num_processes: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        "auto", description="training processes (FSDP2 under torchrun when > 1); auto: one per GPU, 1 on CPU"
+    )
+    nodes: int = Field(1, ge=1, description="machines the training processes span (num_processes per node)")
     attn_implementation: Literal["auto", "sdpa", "flex_attention", "eager"] = "auto"
     mixed_precision: Literal["auto", "bf16", "no"] = Field(
-        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU (weights stay fp32 either way)"
+        "auto",
+        description="auto: bf16 autocast on GPU and on CPUs with AVX512-BF16/AMX, else fp32 (weights stay fp32)",
     )
 
 
@@ -83,27 +95,49 @@ class ScoreConfig(Strict):
 class VerifyConfig(Strict):
     timeout_s: float = Field(5.0, gt=0)
     workers: int = Field(0, ge=0, description="0: one per CPU core")
-    code_timeout_s: float = Field(10.0, gt=0)
-    code_memory_mb: int = Field(1024, ge=64)
+    code_timeout_s: float = Field(10.0, gt=0, description="per test (the official checker: 4)")
+    code_memory_mb: int = Field(1024, ge=64, description="address space of each program process")
+    code_max_processes: int = Field(64, ge=4, description="processes + threads of one sandboxed program")
+    code_official_quirks: bool = Field(
+        False, description="reproduce the official code verdicts: a crash, timeout or compile error passes"
+    )
     shard_size: int = Field(2048, ge=1)
 
 
 class WeightsConfig(Strict):
-    estimator: Literal["acc", "gml", "likelihood"] = "acc"
+    estimator: Literal[registry.ESTIMATORS] = "acc"
     max_think_tokens: int = Field(28000, ge=1)
-    question_weighting: Literal["none", "rft", "grpo", "mle"] = Field(
+    question_weighting: Literal[registry.QUESTION_WEIGHTINGS] = Field(
         "none", description="per-question weighting for comparison (method.md §3)"
     )
 
 
 class SelectConfig(Strict):
-    mode: Literal["17k-mix", "all-k"] = "17k-mix"
+    mode: Literal[registry.SELECTION_MODES] = "17k-mix"
 
 
 class BenchmarkConfig(Strict):
-    path: str = Field(description="hub id, local .jsonl/.parquet, or embedded:<name>")
+    """One benchmark of the evaluate stage (tasks/evaluate.py, variational/benchmarks.py)."""
+
+    path: str = Field(description="hub id, local .jsonl/.parquet file or dataset folder, or embedded:<name>")
+    grader: Literal["math", "mmlu_pro", "gpqa", "code"] = Field(
+        "math", description="math-verify | letter of A-J | letter of A-D (shuffled) | tests (LiveCodeBench)"
+    )
     k: int = Field(1, ge=1, description="samples per problem (Avg@k)")
     limit: int | None = Field(None, ge=1)
+    subset: str | None = Field(None, description="hub config name, e.g. gpqa_diamond")
+    split: str | None = Field(None, description="hub split; None: 'test' when present, else the first")
+    release_version: str | None = Field(
+        None, description="LiveCodeBench release (release_v1 .. release_v6, release_latest)"
+    )
+    difficulty: Literal["easy", "medium", "hard"] | None = Field(None, description="LiveCodeBench filter")
+    shuffle_seed: int = Field(0, description="gpqa: seed of the per-question option order")
+
+    @model_validator(mode="after")
+    def _check(self) -> BenchmarkConfig:
+        if self.grader != "code" and (self.release_version or self.difficulty):
+            raise ValueError("release_version and difficulty apply to grader 'code' (LiveCodeBench) only")
+        return self
 
 
 class EvalConfig(Strict):
@@ -111,6 +145,16 @@ class EvalConfig(Strict):
     models: list[Literal["base", "pi_theta0", "pi_theta"]] = ["base", "pi_theta0", "pi_theta"]
     benchmarks: dict[str, BenchmarkConfig] = Field(default_factory=dict)
     sampling: SamplingConfig = SamplingConfig(max_tokens=38912)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = Field(
+        None, description="engine dtype while evaluating (paper: float32); None: engine.dtype"
+    )
+
+
+class AuxDataset(Strict):
+    """A source dataset of Bespoke-Stratos (issue 10 §2), loaded like `data.dataset`."""
+
+    dataset: str = Field(description="hub id, or a local .jsonl/.parquet file or folder in the hub schema")
+    split: str = "train"
 
 
 class DataConfig(Strict):
@@ -120,6 +164,41 @@ class DataConfig(Strict):
     split: str = "train"
     limit: int | None = Field(None, ge=1, description="keep the first N rows (after shuffling when seed set)")
     subset_seed: int | None = Field(None, description="shuffle with this seed before `limit`")
+    # 1 MiB: the longest Bespoke-Stratos row (a 32k-token trace) is a few hundred KB; a 5 MB row is junk
+    max_row_bytes: int = Field(1 << 20, ge=1024, description="reject raw rows larger than this (UTF-8 JSON)")
+    source_dataset: str | None = Field(
+        None,
+        description="row-aligned copy of `dataset` with a `source` column ('numina/123'); full-17k: "
+        "zhouxiangxin/Bespoke-Stratos-17k-Source",
+    )
+    derive_sources: bool = Field(
+        True,
+        description="without source_dataset or a source column: derive numina/apps/taco/ruc from the rows",
+    )
+    aux: dict[Literal["numina", "apps", "taco", "ruc"], AuxDataset] = Field(
+        default_factory=dict, description="source datasets: ground truth (numina, ruc) and tests (apps, taco)"
+    )
+
+
+class ExecutorConfig(Strict):
+    """Where the sharded stages run (variational/executor.py). Never part of a fingerprint: per-request seeds
+    make every table independent of how shards are grouped and where they run, so switching executor reuses
+    every finished stage and shard."""
+
+    kind: Literal["local", "ray"] = Field(
+        "local", description="local: one engine in the flow process; ray: shard groups as Ray tasks"
+    )
+    address: str | None = Field(
+        None,
+        pattern=r"^(auto|ray://[^\s:]+:\d+|[^\s:/]+:\d+)$",
+        description="ray only. None: start a local Ray with this machine's CPUs/GPUs; auto: join the cluster "
+        "`ray start` made here; ray://host:10001 (Ray client) or host:6379 (GCS) for a remote head",
+    )
+    workers: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        "auto",
+        description="ray only: shard groups per stage, each one Ray task with one engine. auto: GPUs in the "
+        "cluster / engine.tensor_parallel_size (CPU cluster: CPUs / 4)",
+    )
 
 
 class RunConfig(Strict):
@@ -127,8 +206,8 @@ class RunConfig(Strict):
     data_root: str = "data"
     base_model: str = Field(description="HF id, local folder, or embedded:smollm2-135m")
     rounds: int = Field(1, ge=1, description="variational EM rounds T (paper: 1)")
-    posterior_template: Literal["PA", "PB"] = "PB"
-    posterior_objective: Literal["hinted_sft", "forward_kl"] = "hinted_sft"
+    posterior_template: Literal[registry.POSTERIOR_TEMPLATES] = "PB"
+    posterior_objective: Literal[registry.POSTERIOR_OBJECTIVES] = "hinted_sft"
     K: int = Field(8, ge=1, description="posterior traces per question")
     M: int = Field(8, ge=1, description="answer rollouts per trace (and prior samples for forward_kl)")
     data: DataConfig = DataConfig()
@@ -145,12 +224,28 @@ class RunConfig(Strict):
     weights: WeightsConfig = WeightsConfig()
     select: SelectConfig = SelectConfig()
     eval: EvalConfig = EvalConfig()
+    executor: ExecutorConfig = Field(
+        ExecutorConfig(), description="where sharded stages run; never enters a fingerprint"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if self.select.mode == "17k-mix" and self.weights.question_weighting != "none":
             raise ValueError("weights.question_weighting applies to select.mode 'all-k' only")
         return self
+
+
+def fields_for(conf: RunConfig, paths: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """The values at dotted `paths` ("weights", "engine.dtype"): what a stage's fingerprint hashes."""
+    out = {}
+    for path in paths:
+        node: Any = conf
+        for part in path.split("."):
+            if not hasattr(node, part):
+                raise KeyError(f"config has no field {path!r}")
+            node = getattr(node, part)
+        out[path] = node.model_dump(mode="json") if isinstance(node, BaseModel) else node
+    return out
 
 
 class ConfigError(ValueError):
@@ -177,8 +272,34 @@ def parse_config(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(_describe(err)) from None
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML as 1.2 reads it: only true/false are booleans. PyYAML follows YAML 1.1, where yes/no/on/off are
+    booleans too, so `mixed_precision: no` arrived as False and was refused by an error listing 'no'."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """Parse YAML text (booleans: true/false only); a syntax error is one line naming `source` and the spot."""
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader subclass: no arbitrary objects
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML: {problem}{where}") from None
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """`--set a.b=value`: value parsed as YAML (numbers, bools, lists); key paths are created as needed."""
+    """`--set a.b=value`: value parsed as YAML (numbers, true/false, lists; `no`/`off` stay strings); key
+    paths are created as needed."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
@@ -189,7 +310,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = read_yaml(raw, f"--set {item}")
     return data
 
 
@@ -202,7 +323,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         if not builtin.exists():
             raise ConfigError(f"config {str(path)!r} not found (nor configs/{builtin.name})")
         path = builtin
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path.read_text(), str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return parse_config(apply_overrides(data, overrides or []))

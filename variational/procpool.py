@@ -28,7 +28,10 @@ from typing import Any, NamedTuple
 
 from tqdm.auto import tqdm
 
+from variational import shutdown
+
 HARD_GRACE_S = 1.0  # the parent kills a worker this long after its item's soft deadline
+CLOSE_WAIT_S = 1.0  # close(): how long idle workers get to exit by themselves, all together
 MAX_START_FAILURES = 3  # workers (per pool slot) dying before they are ready: a broken import, give up
 
 
@@ -83,6 +86,9 @@ def _limit_memory(extra_mb: int) -> None:
 def _worker(conn: Connection, fn: Callable, warmup: Callable | None, memory_mb: int) -> None:
     """Receive (timeout_s, [(item index, args)]), send (index, *Outcome) per item, in order."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # SIGTERM ends a worker at once (its item is thrown away with the shard); a forked worker would
+    # otherwise inherit the parent's stop handler and only set a flag nobody reads
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if warmup is not None:
         warmup()
     _limit_memory(memory_mb)
@@ -182,11 +188,14 @@ class DeadlinePool:
         self.slots[self.slots.index(s)] = self._spawn()
 
     def close(self) -> None:
+        """Ask idle workers to exit, give them CLOSE_WAIT_S in all (not each: a stop must end within the
+        scheduler's grace), then kill the rest (busy on an item, or hung)."""
         for s in self.slots:
             with contextlib.suppress(Exception):
                 s.conn.send(None)
+        deadline = time.monotonic() + CLOSE_WAIT_S
         for s in self.slots:
-            s.proc.join(timeout=1)
+            s.proc.join(timeout=max(0.0, deadline - time.monotonic()))
             self._kill(s)
         self.slots = []
 
@@ -213,6 +222,8 @@ class DeadlinePool:
             self._replace(s)
 
         while done < n:
+            # a stop abandons the map (the caller's shard is thrown away); close() then ends the workers
+            shutdown.check()
             for s in self.slots:
                 if s.ready and not s.items and queue:
                     todo = [queue.popleft() for _ in range(min(batch, len(queue)))]
@@ -226,7 +237,10 @@ class DeadlinePool:
             busy = [s for s in self.slots if s.items or not s.ready]
             deadlines = [s.since + hard for s in busy if s.items]
             wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 1.0
-            for conn in wait([s.conn for s in busy], timeout=wait_s):
+            # a signal interrupts the wait (EINTR); the handler raises at once inside interruptible()
+            with shutdown.interruptible():
+                ready = wait([s.conn for s in busy], timeout=wait_s)
+            for conn in ready:
                 s = next(s for s in self.slots if s.conn is conn)
                 try:
                     while conn.poll():
@@ -240,6 +254,7 @@ class DeadlinePool:
                         done += 1
                         bar.update()
                 except (EOFError, OSError):  # crashed: segfault, OOM kill, broken warmup
+                    shutdown.check()  # or killed by the SIGTERM sent to our whole process group
                     if not s.ready:
                         self._start_failures += 1
                         if self._start_failures > MAX_START_FAILURES * self.size:

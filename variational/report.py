@@ -23,6 +23,7 @@ import polars as pl
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from variational.metrics import MODELS, summarize, summary_markdown
 from variational.sqlview import connect
 
 # Columns each section needs; reading only these keeps logps / rollout texts out of memory.
@@ -330,8 +331,6 @@ def section_selection(t: dict[str, pl.DataFrame], out: Path) -> str:
 def section_eval(t: dict[str, pl.DataFrame], out: Path) -> str:
     if "eval" not in t:
         return _missing("eval", "evaluation disabled or not run")
-    from tasks.evaluate import MODELS, summarize, summary_markdown
-
     summary = summarize(t["eval"])
     if summary.is_empty():
         return "_The `eval` table is empty._\n"

@@ -38,8 +38,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from variational import shutdown
 from variational.config import EngineConfig, SamplingConfig
-from variational.stage import logger
+from variational.runner import logger
 
 
 @dataclass(frozen=True)
@@ -157,9 +158,12 @@ class Sampler:
         out: list[list[Completion]] = [[Completion("", 0, "length")] * n for _ in prompts]
         if not fits:
             return out
-        done = self._impl.generate(
-            [ids[i] for i in fits], n, sampling, list(stop or []), [seeds[i] for i in fits], include_stop
-        )
+        # a stop throws the shard away, so SIGTERM / SIGINT need not wait for the batch: they raise here
+        # at once, and the caller's close() (a `with` or `finally`) ends the engine processes
+        with shutdown.interruptible():
+            done = self._impl.generate(
+                [ids[i] for i in fits], n, sampling, list(stop or []), [seeds[i] for i in fits], include_stop
+            )
         for i, comps in zip(fits, done, strict=True):
             out[i] = comps
         return out

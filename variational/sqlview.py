@@ -4,11 +4,17 @@ In: `<data_root>/<run>/run.json` (written by store.record_stage: stage -> round 
 and the Parquet shards it points at. Out: a DuckDB connection with a VIEW per stage table over all part files
 of all rounds (union_by_name), plus `run_stages` (one row per stage and round: manifest rows, Parquet rows,
 status); `run_sql` returns a polars frame. Views are lazy, so a table missing from a run only breaks the
-queries that use it, and those fail with a message naming the stages the run has.
+queries that use it, and those fail with a message naming the stages the run has; a shard that cannot be read
+leaves its stage out (status `unreadable`) and the other tables queryable.
+
+Read-only: `run_sql` accepts only SELECT-type statements (SELECT, WITH, FROM, VALUES, DESCRIBE, SHOW,
+SUMMARIZE), and every connection is locked down once its views exist: no file outside the run's folders, no
+extensions, no settings change. Errors are `SqlError`, one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,28 +22,42 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from variational.registry import OLD_STAGE_NAMES
 from variational.store import run_stages
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
-# stage names that differ from the table they write (design.md: one view per table)
-TABLE_OF = {
-    "ingest": "problems",
-    "sample_posterior": "posterior_samples",
-    "score": "logps",
-    "answer_rollouts": "rollouts",
-    "verify": "verdicts",
-    "select": "train",
-    "evaluate": "eval",
-    "sample_prior": "prior_samples",  # forward_kl rounds (Eq.9)
-    "verify_prior": "prior_verdicts",
-}
+TABLE_OF = OLD_STAGE_NAMES  # runs of earlier releases recorded stages under other names
 META_VIEW = "run_stages"
+# DuckDB's statement types that only read. COPY, ATTACH, EXPORT, INSERT, CREATE, LOAD/INSTALL, SET, PRAGMA,
+# CALL and EXPLAIN (EXPLAIN ANALYZE runs the statement it explains) are refused before anything runs.
+READ_ONLY_STATEMENTS = {duckdb.StatementType.SELECT}
+
+
+class SqlError(ValueError):
+    """A query that was refused or failed; the message is one line."""
+
+
+def _one_line(err: Exception) -> str:
+    """DuckDB messages carry a caret diagram after a blank line or `LINE n:`; keep the text before it."""
+    head = []
+    for line in str(err).splitlines():
+        if not line.strip() or line.startswith("LINE "):
+            break
+        head.append(line.strip())
+    return " ".join(head) or type(err).__name__
 
 
 def _stage_dir(data_root: Path, run: str, stage: str, entry: dict) -> Path:
-    """The folder of a recorded stage; falls back to data_root/run/stage/fp when the data root moved."""
+    """The folder of a recorded stage (relative paths are under the data root); falls back to
+    data_root/run/stage/fp when an absolute path no longer exists (the data root moved)."""
     path = Path(entry["path"])
+    path = path if path.is_absolute() else data_root / path
     return path if path.exists() else data_root / run / stage / entry["fingerprint"]
+
+
+def _listed(folder: Path) -> list[Path]:
+    records = json.loads((folder / "manifest.json").read_text()).get("files", [])
+    return [folder / r["file"] for r in records if r["file"].startswith("part-")]
 
 
 def _quote(name: str) -> str:
@@ -45,30 +65,46 @@ def _quote(name: str) -> str:
 
 
 def _files_sql(files: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
+    return "[" + ", ".join(_sql_string(str(f)) for f in files) + "]"
 
 
 def connect(data_root: str | Path, run: str) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with one view per stage table of `run` and the `run_stages` overview."""
+    """An in-memory DuckDB with one view per stage table of `run` and the `run_stages` overview, locked so
+    that queries read only the run's folders (see `_lock_down`)."""
     data_root = Path(data_root)
     stages = run_stages(data_root, run)
     con = duckdb.connect()
+    readable = [data_root / run]
     meta: list[dict[str, Any]] = []
+    sides: dict[str, Path] = {}  # side tables: eval_summary, problems_rejects
     for stage, rounds in sorted(stages.items()):
         parts = []
         for round_, entry in sorted(rounds.items(), key=lambda kv: int(kv[0])):
             folder = _stage_dir(data_root, run, stage, entry)
-            files = sorted(folder.glob("part-*.parquet"))
-            status = "complete" if (folder / "manifest.json").exists() else "missing"
+            readable.append(folder)
+            complete = (folder / "manifest.json").exists()
+            status = "complete" if complete else "missing"
+            # a finished stage: exactly the shards its manifest lists (a file dropped in later is not read)
+            files = _listed(folder) if complete else sorted(folder.glob("part-*.parquet"))
+            sides.update(
+                {
+                    f"{TABLE_OF.get(stage, stage)}_{p.stem}": p
+                    for p in folder.glob("*.parquet")
+                    if not p.name.startswith("part-")
+                }
+            )
             parquet_rows = None
             if files:
                 scan = f"read_parquet({_files_sql(files)}, union_by_name=true)"
-                parquet_rows = con.execute(f"SELECT count(*) FROM {scan}").fetchall()[0][0]
-                parts.append((int(round_), scan))
+                try:
+                    parquet_rows = con.execute(f"SELECT count(*) FROM {scan}").fetchall()[0][0]
+                    parts.append((int(round_), scan))
+                except duckdb.Error as err:  # a damaged shard: leave this stage out, keep the others
+                    status = f"unreadable: {_one_line(err)}"
             meta.append(
                 {
                     "stage": stage,
-                    "table_name": TABLE_OF.get(stage, stage) if files else None,
+                    "table_name": TABLE_OF.get(stage, stage) if parquet_rows is not None else None,
                     "round": int(round_),
                     "status": status,
                     "rows": entry.get("rows"),
@@ -81,8 +117,29 @@ def connect(data_root: str | Path, run: str) -> duckdb.DuckDBPyConnection:
             )
         if parts:
             con.execute(f"CREATE VIEW {_quote(TABLE_OF.get(stage, stage))} AS {_union_rounds(con, parts)}")
+    for name, path in sides.items():
+        with contextlib.suppress(duckdb.Error):
+            con.execute(f"CREATE VIEW {_quote(name)} AS SELECT * FROM read_parquet({_sql_string(str(path))})")
     con.register(META_VIEW, pl.DataFrame(meta, schema=_META_SCHEMA))
+    _lock_down(con, readable)
     return con
+
+
+def _lock_down(con: duckdb.DuckDBPyConnection, readable: list[Path]) -> None:
+    """No file access but reading the run's folders, no extensions, and no way to change that back.
+
+    `allowed_directories` lets DuckDB write there too (COPY TO, ATTACH), which is why `run_sql` also
+    refuses every statement that is not a SELECT."""
+    dirs = sorted({str(d.resolve()).rstrip("/") + "/" for d in readable})  # the slash: not `run2/` too
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute(f"SET allowed_directories = [{', '.join(_sql_string(d) for d in dirs)}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 _META_SCHEMA = {
@@ -133,18 +190,40 @@ def resolve_query(query: str) -> str:
     return query
 
 
+def check_read_only(sql: str) -> None:
+    """Refuse, before anything runs, SQL with a statement that is not a plain query (SqlError, one line)."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as err:
+        raise SqlError(_one_line(err)) from None
+    for statement in statements:
+        if statement.type not in READ_ONLY_STATEMENTS:
+            raise SqlError(
+                f"variational sql only reads: {statement.type.name} statements are refused "
+                "(use SELECT, WITH, FROM, DESCRIBE, SHOW or SUMMARIZE)"
+            )
+
+
 def run_sql(data_root: str | Path, run: str, query: str) -> pl.DataFrame:
-    """Run SQL (text, .sql file or saved query name) over a run's views; the last statement's result."""
+    """Run read-only SQL (text, .sql file or saved query name) over a run's views; the last statement's
+    result. Refused or failing SQL raises SqlError with one line."""
+    sql = resolve_query(query)
+    check_read_only(sql)
     con = connect(data_root, run)
     try:
-        rel = con.sql(resolve_query(query))  # runs every statement; the result is the last one's
+        rel = con.sql(sql)  # runs every statement; the result is the last one's
         return pl.DataFrame() if rel is None else rel.pl()
     except duckdb.CatalogException as err:
         views = con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
         tables = sorted({r[0] for r in views} | {META_VIEW})
-        raise ValueError(
-            f"{err}\nrun {run!r} has the tables {tables}; a missing table means its stage has not run yet"
+        raise SqlError(
+            f"{_one_line(err)} (run {run!r} has the tables {tables}; a missing table means its stage "
+            "has not run yet)"
         ) from None
+    except duckdb.PermissionException as err:
+        raise SqlError(f"{_one_line(err)} (variational sql reads only the files of run {run!r})") from None
+    except duckdb.Error as err:
+        raise SqlError(_one_line(err)) from None
     finally:
         con.close()
 

@@ -89,6 +89,50 @@ def pi_response(think: str, solution: str) -> str:
     return f"{think}{END_THOUGHT}{SEP}{BEGIN_SOLUTION}{solution}{END_SOLUTION}"
 
 
+# User-message texts: Bespoke-Stratos rows (shared/data/SOURCES.md §10) and the evaluation harness
+# (SkyThought 0d190f1, skythought/evals/tasks/*.yaml) share them. The harness joins instruction and
+# question with one space; Bespoke's code rows have no space after the prefix.
+MATH_INSTRUCTION = "Return your final response within \\boxed{}."
+GPQA_INSTRUCTION = (
+    "Return your final response within \\boxed{} and only include the letter choice (A, B, C, or D) "
+    "as your final response."
+)
+CODE_STDIN_PREFIX = (
+    "Generate an executable Python function generated from the given prompt. The function should take "
+    "stdin as input and print the output. Simply call the function after the definition."
+)
+CODE_CALL_PREFIX = (
+    "Generate an executable Python function generated from the given prompt. Return the function body "
+    "without invoking it at the final solution."
+)
+CHOICE_LETTERS = "ABCDEFGHIJKLMNOP"
+
+
+def math_question(problem: str) -> str:
+    """The harness's math prompt (MATH500, AIME, AMC, OlympiadBench), as Bespoke's numina rows start."""
+    return f"{MATH_INSTRUCTION} {problem}"
+
+
+def mmlu_pro_question(question: str, options: list[str]) -> str:
+    """MMLU-Pro as the harness asks it: the boxed instruction, the question, `Answer Choices: (A) .. (B) ..`."""
+    listed = " ".join(f"({CHOICE_LETTERS[i]}) {str(o).strip()}" for i, o in enumerate(options))
+    return f"{MATH_INSTRUCTION} {question}\nAnswer Choices: {listed}"
+
+
+def gpqa_question(question: str, options: list[str]) -> str:
+    """GPQA-Diamond as the harness asks it: letter-only instruction, the question, `A) .., B) ..`."""
+    listed = ", ".join(f"{CHOICE_LETTERS[i]}) {o}" for i, o in enumerate(options))
+    return f"{GPQA_INSTRUCTION} {question}\n{listed}"
+
+
+def code_question(question: str, starter_code: str = "", call_based: bool = False) -> str:
+    """A LiveCodeBench prompt: the harness's stdin / call prefix, the question, then the starter code
+    (the harness omits it; we keep it, as Bespoke's code rows do, so the function name is known)."""
+    prefix = CODE_CALL_PREFIX if call_based else CODE_STDIN_PREFIX
+    starter = f"\n{starter_code}" if starter_code else ""
+    return f"{prefix} {question}{starter}"
+
+
 def _posterior_tags(template: PosteriorTemplate) -> tuple[str, str, str]:
     if template == "PB":
         return PB_SYSTEM, BEGIN_THOUGHT, END_THOUGHT

@@ -1,0 +1,235 @@
+"""variational/executor.py: task runners, worker counts, shard groups, Ray resources, the shared-root check.
+
+Fast tests use literal Node lists (no Ray); one slow test starts a real local Ray with 2 CPUs and runs a
+Prefect flow on the RayTaskRunner.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from variational.config import ConfigError, ExecutorConfig, RunConfig, parse_config
+from variational.executor import (
+    RAY_TEMP_DIR,
+    Node,
+    SharedRootError,
+    describe_unseen,
+    ray_init_kwargs,
+    read_marker,
+    remote_options_for,
+    resolve_workers,
+    split_groups,
+    task_runner,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def conf(tp: int = 1, **executor: object) -> RunConfig:
+    return parse_config(
+        {
+            "name": "t",
+            "base_model": "embedded:smollm2-135m",
+            "engine": {"tensor_parallel_size": tp},
+            "executor": executor,
+        }
+    )
+
+
+def gpu_node(i: int, gpus: int = 8, cpus: int = 96) -> Node:
+    return Node(node_id=f"n{i}", address=f"10.0.0.{i}", hostname=f"gpu{i}", cpus=cpus, gpus=gpus)
+
+
+def cpu_node(i: int, cpus: int) -> Node:
+    return Node(node_id=f"c{i}", address=f"10.1.0.{i}", hostname=f"cpu{i}", cpus=cpus, gpus=0)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_executor_config_defaults_to_local_and_validates() -> None:
+    assert RunConfig(name="t", base_model="b").executor == ExecutorConfig(kind="local", address=None)
+    ok = conf(kind="ray", address="ray://head:10001", workers=3).executor
+    assert (ok.kind, ok.address, ok.workers) == ("ray", "ray://head:10001", 3)
+    assert conf(kind="ray", address="10.0.0.1:6379").executor.address == "10.0.0.1:6379"
+    for bad, key in [
+        ({"workers": 0}, "executor.workers"),
+        ({"workers": "all"}, "executor.workers"),
+        ({"kind": "slurm"}, "executor.kind"),
+        ({"address": "http://head"}, "executor.address"),
+        ({"nodes": 2}, "executor.nodes"),
+    ]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            conf(**bad)
+
+
+# ---------------------------------------------------------------- task runner
+
+
+def test_ray_init_kwargs_start_a_quiet_local_ray_or_join_the_given_one() -> None:
+    local = ray_init_kwargs(ExecutorConfig(kind="ray"))
+    assert local["address"] == "local" and local["num_cpus"] == len(os.sched_getaffinity(0))
+    assert local["include_dashboard"] is False and local["_temp_dir"] == RAY_TEMP_DIR
+    assert len(RAY_TEMP_DIR) < 20  # Ray's socket paths below it must stay under 107 bytes
+    for address in ("auto", "ray://head:10001"):
+        joined = ray_init_kwargs(ExecutorConfig(kind="ray", address=address))
+        assert joined["address"] == address and joined["include_dashboard"] is False
+        # a running cluster refuses these: they describe a Ray this process would start
+        assert not {"num_cpus", "_temp_dir", "object_store_memory"} & joined.keys()
+
+
+def test_local_task_runner_needs_no_ray() -> None:
+    code = (
+        "import sys; from variational.config import ExecutorConfig; from variational import executor; "
+        "r = executor.task_runner(ExecutorConfig()); print(type(r).__name__, 'ray' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["ThreadPoolTaskRunner", "False"]
+
+
+def test_ray_task_runner_is_configured_but_not_started() -> None:
+    runner = task_runner(ExecutorConfig(kind="ray", address="auto"))
+    assert type(runner).__name__ == "RayTaskRunner"
+    assert runner.init_kwargs["address"] == "auto"
+    import ray
+
+    assert not ray.is_initialized()  # building the runner starts nothing; the flow does
+
+
+# ---------------------------------------------------------------- workers and resources
+
+
+def test_resolve_workers() -> None:
+    eight = [gpu_node(0)]
+    assert resolve_workers(conf(kind="local", workers=4), nodes=eight) == 1  # one engine in the flow
+    assert resolve_workers(conf(kind="ray", workers=3), nodes=eight) == 3
+    assert resolve_workers(conf(kind="ray"), nodes=eight) == 8  # one 8-GPU node, TP 1
+    assert resolve_workers(conf(tp=4, kind="ray"), nodes=eight) == 2
+    # TP groups never span nodes: 3 GPUs per node with TP 2 fit one engine each, not three in all
+    assert resolve_workers(conf(tp=2, kind="ray"), nodes=[gpu_node(0, 3), gpu_node(1, 3)]) == 2
+    assert resolve_workers(conf(kind="ray"), nodes=[gpu_node(0), gpu_node(1)]) == 16
+    # CPU cluster: one engine per 4 CPUs, never fewer than one worker
+    assert resolve_workers(conf(kind="ray"), nodes=[cpu_node(0, 16), cpu_node(1, 8)]) == 6
+    assert resolve_workers(conf(kind="ray"), nodes=[cpu_node(0, 2)]) == 1
+    # verify runs on CPUs even on a GPU node
+    assert resolve_workers(conf(kind="ray"), engine_needed=False, nodes=eight) == 24
+
+
+def test_remote_options_for() -> None:
+    eight = [gpu_node(0)]
+    assert remote_options_for(conf(tp=2, kind="ray"), True, eight) == {"num_gpus": 2, "num_cpus": 1}
+    assert "num_gpus" not in remote_options_for(conf(kind="ray"), False, eight)  # verify: CPU only
+    assert remote_options_for(conf(kind="ray"), False, eight) == {"num_cpus": 4}
+    # this machine: 2 CPUs, 2 workers -> one CPU each, so both groups run at once
+    two = [cpu_node(0, 2)]
+    assert remote_options_for(conf(kind="ray", workers=2), True, two) == {"num_cpus": 1}
+    assert remote_options_for(conf(kind="ray", workers=1), True, two) == {"num_cpus": 2}
+    # an even share, but never more than the largest node holds (else Ray could never place it)
+    assert remote_options_for(conf(kind="ray", workers=1), True, [cpu_node(0, 8), cpu_node(1, 8)]) == {
+        "num_cpus": 8
+    }
+
+
+def test_split_groups_is_balanced_contiguous_and_complete() -> None:
+    assert split_groups([5, 0, 3, 1, 2, 4, 6], 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert split_groups([7, 2], 8) == [[2], [7]]  # no empty groups
+    assert split_groups([], 4) == []
+    for n_shards in range(0, 40):
+        for workers in range(1, 10):
+            pending = list(range(0, 3 * n_shards, 3))
+            groups = split_groups(pending, workers)
+            assert [i for g in groups for i in g] == pending
+            sizes = [len(g) for g in groups]
+            assert all(sizes) and (not sizes or max(sizes) - min(sizes) <= 1)
+            assert len(groups) == min(workers, n_shards)
+            assert split_groups(list(reversed(pending)), workers) == groups
+    with pytest.raises(ValueError, match="workers"):
+        split_groups([0], 0)
+    with pytest.raises(ValueError, match="duplicate"):
+        split_groups([1, 1], 2)
+
+
+# ---------------------------------------------------------------- shared data root
+
+
+def test_read_marker(tmp_path: Path) -> None:
+    marker = tmp_path / ".executor" / "shared-root-abc"
+    assert "missing" in read_marker(str(marker), "abc")
+    marker.parent.mkdir()
+    marker.write_text("abc")
+    assert read_marker(str(marker), "abc") == ""
+    assert "different filesystem" in read_marker(str(marker), "xyz")
+
+
+def test_unseen_root_error_names_node_and_path() -> None:
+    msg = describe_unseen(Path("/scratch/vr"), [(gpu_node(3), "/scratch/vr/.executor/m is missing")])
+    assert "/scratch/vr" in msg and "gpu3" in msg and "10.0.0.3" in msg and "--data-root" in msg
+    assert issubclass(SharedRootError, RuntimeError)
+
+
+# ---------------------------------------------------------------- a real local Ray
+
+
+def _write_pid(out_dir: str, name: str) -> int:
+    """A Prefect task body: write this process's pid to `name` atomically (temp + rename)."""
+    path = Path(out_dir) / name
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(str(os.getpid()))
+    tmp.replace(path)
+    return os.getpid()
+
+
+@pytest.mark.slow
+def test_ray_task_runner_runs_tasks_in_ray_workers(tmp_path: Path) -> None:
+    import ray
+    import ray.cloudpickle
+    from prefect import flow, task
+    from prefect.settings import (
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    from variational.executor import check_shared_root, cluster_nodes, remote_options, unseen_nodes
+
+    # Ray workers import functions by module name; tests/ is not on their path (the project's own task
+    # bodies are, being installed), so this module's functions travel by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = conf(kind="ray", workers=2)
+    write = task(_write_pid, name="write-pid", persist_result=False)
+
+    @flow(name="executor-test", task_runner=task_runner(cfg.executor))
+    def two_groups(out_dir: str) -> dict:
+        nodes = cluster_nodes()
+        root = check_shared_root(tmp_path)  # the driver's marker is visible on the (one) node
+        missing = unseen_nodes(tmp_path / "never-written", "token")
+        groups = split_groups([0, 1, 2, 3], resolve_workers(cfg, nodes=nodes))
+        with remote_options(**remote_options_for(cfg, engine_needed=True, nodes=nodes)):
+            futures = [write.submit(out_dir, f"group-{g}.txt") for g in range(len(groups))]
+        return {"pids": [f.result() for f in futures], "root": root, "missing": missing, "nodes": nodes}
+
+    quiet_and_patient = {  # no network here; the temporary API server starts slowly on a loaded 2-core box
+        PREFECT_SERVER_ANALYTICS_ENABLED: False,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 600,
+    }
+    try:
+        with temporary_settings(updates=quiet_and_patient):
+            out = two_groups(str(tmp_path))
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    assert not ray.is_initialized()  # the runner started Ray, so the flow's end stopped it
+    assert out["root"] == tmp_path.resolve()
+    assert len(out["nodes"]) == 1 and out["nodes"][0].cpus == len(os.sched_getaffinity(0))
+    [(node, seen)] = out["missing"]
+    assert node == out["nodes"][0] and "never-written is missing" in seen
+    assert not list((tmp_path / ".executor").iterdir())  # the marker is cleaned up
+    written = {int((tmp_path / f"group-{g}.txt").read_text()) for g in range(2)}
+    assert written == set(out["pids"])
+    assert os.getpid() not in written  # both ran in Ray worker processes, not in the flow's
+    assert not list(tmp_path.glob("*.tmp"))

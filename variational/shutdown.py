@@ -1,0 +1,285 @@
+"""Stop cleanly when told to: the one place that knows about SIGTERM and SIGINT.
+
+In:  the signals a user or a scheduler sends (Slurm `scancel`, Kubernetes, `timeout`, Ctrl-C, and a Prefect
+     cancellation: the runner sends SIGTERM to the flow-run process, then SIGKILL after its 30 s grace).
+Out: a flag that long loops poll at safe points (`stop_requested()`, `check()` between micro-batches and
+     shards), `StopRequested` raised out of the main thread, and the exit codes 143 / 130 the shell expects.
+
+The protocol, once `install()` ran in the main thread:
+- The first signal sets the flag and returns: the code gets to finish its micro-batch and save a
+  checkpoint. Inside `interruptible()` (a vLLM generate, a worker-pool map: blocking calls that would hold
+  the stop for minutes and whose work is thrown away anyway) it raises StopRequested at once instead.
+- A second signal raises StopRequested at once, wherever the main thread is. Once StopRequested is on its
+  way out, further signals are only logged: they must not break the `finally` blocks that end the engines.
+- Nobody polled the flag within GRACE_S (a stage without safe points, C code that never returns): a
+  watchdog thread re-sends the signal to the main thread, which then raises. Python runs handlers between
+  bytecodes, and a blocking system call (a pipe read, a lock, a sleep) returns EINTR to run them.
+StopRequested is a BaseException, so `except Exception` in stage code cannot swallow it; `finally` blocks
+(closing engines and pools) still run on its way out.
+
+Prefect: its flow engine swaps in its own SIGTERM handler (`capture_sigterm`: raise TerminationSignal at
+once) for the duration of a flow run, so the flow calls `install()` again once it runs; a StopRequested
+that leaves the flow marks the run Crashed (Prefect does the same for a plain SIGTERM), and on a
+cancellation the runner then forces it to Cancelled once the process has exited.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from types import FrameType
+
+EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}  # 128 + the signal number, what a shell reports
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Below the usual 30 s between a scheduler's SIGTERM and its SIGKILL, leaving time for the cleanup.
+GRACE_S = float(os.environ.get("VARIATIONAL_STOP_GRACE_S", "10"))
+
+log = logging.getLogger("variational")
+
+
+class StopRequested(BaseException):
+    """A signal asked this process to stop; `signal_name` is SIGTERM or SIGINT."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get(self.signal_name, 1)
+
+
+_requested: str | None = None  # the name of the first signal received
+_seen = threading.Event()  # someone polled the flag after it was set: the watchdog stands down
+_interruptible = 0  # depth of interruptible() regions on the main thread
+_raised = False  # StopRequested was raised (by a signal or check()): the process is unwinding
+_lock = threading.Lock()
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    global _requested, _raised
+    name = signal.Signals(signum).name
+    if _raised:  # StopRequested is already unwinding: let the `finally` blocks end the engines in peace
+        log.warning("%s received: already stopping, ending engines and workers", name)
+        return
+    if _requested is not None or _interruptible > 0:
+        _requested = _requested or name
+        _seen.set()
+        _raised = True
+        raise StopRequested(_requested)
+    _requested = name
+    log.warning(
+        "%s received: stopping at the next safe point (send it again to stop at once); rerun the same "
+        "command to resume",
+        name,
+    )
+    watch = threading.Thread(target=_watchdog, args=(signum, _seen), name="stop-watchdog", daemon=True)
+    watch.start()
+
+
+def _watchdog(signum: int, seen: threading.Event) -> None:
+    if seen.wait(GRACE_S) or seen is not _seen:  # polled in time, or reset() began a new request
+        return
+    # only our own handler turns the signal into StopRequested; with any other (SIG_DFL after the flow
+    # restored it, Prefect's bridge) re-sending it would kill or crash the run without our cleanup
+    if signal.getsignal(signum) is _on_signal:
+        log.warning("no safe point reached within %.0fs of %s: interrupting", GRACE_S, _requested)
+        signal.pthread_kill(threading.main_thread().ident or 0, signum)
+
+
+def install() -> None:
+    """Route SIGTERM and SIGINT to the stop protocol. Idempotent; call it again after a library replaced the
+    handlers (Prefect's flow engine does for SIGTERM). A no-op outside the main thread, where Python cannot
+    set handlers (a task in a worker thread keeps whatever the main thread installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    with _lock:
+        for signum in SIGNALS:
+            if signal.getsignal(signum) is not _on_signal:
+                signal.signal(signum, _on_signal)
+
+
+def installed() -> bool:
+    """Whether the stop protocol currently owns both signals (False off the main thread)."""
+    try:
+        return all(signal.getsignal(s) is _on_signal for s in SIGNALS)
+    except ValueError:
+        return False
+
+
+def stop_requested() -> bool:
+    """Cheap; poll it at safe points. True once a signal arrived (the poller now owns the stop)."""
+    if _requested is None:
+        return False
+    _seen.set()
+    return True
+
+
+def requested_signal() -> str | None:
+    """The name of the signal that asked to stop (SIGTERM / SIGINT), or None."""
+    return _requested
+
+
+def check() -> None:
+    """Raise StopRequested(signal name) if a stop was requested."""
+    global _raised
+    if stop_requested():
+        _raised = _raised or threading.current_thread() is threading.main_thread()
+        raise StopRequested(_requested or "SIGTERM")
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """A region whose work is thrown away on a stop (a shard's generate, a pool map): the first signal
+    raises StopRequested at once, even out of a blocking call, instead of waiting for a safe point."""
+    global _interruptible
+    main = threading.current_thread() is threading.main_thread()
+    check()
+    if not main:  # signal handlers run in the main thread only; there this region means nothing
+        yield
+        return
+    _interruptible += 1
+    try:
+        yield
+    finally:
+        _interruptible -= 1
+
+
+def exit_code(err: BaseException | None = None) -> int:
+    """The exit code for a stopped process: 143 after SIGTERM, 130 after SIGINT."""
+    name = err.signal_name if isinstance(err, StopRequested) else _requested
+    return EXIT_CODES.get(name or "", 1)
+
+
+def reset() -> None:
+    """Forget a stop request (a test's or a long-lived server's next unit of work starts fresh)."""
+    global _requested, _seen, _raised
+    _requested, _raised = None, False
+    _seen.set()  # releases the watchdog of the old request
+    _seen = threading.Event()
+
+
+# ---------------------------------------------------------------- Prefect's temporary server, out of reach
+
+
+def _die_with_parent() -> None:
+    # preexec_fn (between fork and exec): the server gets SIGTERM when this process dies, even by SIGKILL
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def start_shielded_prefect_server(startup_timeout_s: float | None = None) -> str | None:
+    """Without PREFECT_API_URL, Prefect starts a temporary API server as a child in our process group, so
+    the SIGTERM / SIGINT a scheduler or Ctrl-C sends to the group kills it first, and the stopping flow
+    then retries its state updates for minutes (measured: 140 s). This starts the same server (uvicorn on
+    Prefect's app, as Prefect does) in its own session, so only we stop it: at interpreter exit, after
+    Prefect's own exit handlers have flushed their logs and events; it dies with us if we are killed.
+    Call it only when no server is configured (neither PREFECT_API_URL nor the Prefect profile names one).
+    Returns the API URL, or None when PREFECT_API_URL was set already."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    import importlib.util
+
+    spec = importlib.util.find_spec("prefect")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("start_shielded_prefect_server: prefect is not installed; run scripts/setup.sh")
+    with socket.socket() as sock:  # a free port: the kernel picks one
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app_dir = os.path.dirname(os.path.dirname(spec.origin))
+    cmd = [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory"]
+    cmd += ["prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--log-level", "error", "--lifespan", "on"]
+    env = {
+        **os.environ,
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+    }
+    server = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    url = f"http://127.0.0.1:{port}/api"
+    if (
+        startup_timeout_s is None
+    ):  # Prefect's own setting (the CLI defaults it to 180 s: a first start migrates)
+        startup_timeout_s = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 180))
+    deadline = time.monotonic() + startup_timeout_s
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"the temporary Prefect server exited with code {server.returncode}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            if response.status == 200:
+                break
+        if time.monotonic() > deadline:
+            _stop_server(server)
+            raise RuntimeError(
+                f"the temporary Prefect server did not answer within {startup_timeout_s:.0f}s; "
+                "start one (`prefect server start`) and set PREFECT_API_URL"
+            )
+        time.sleep(0.2)
+    atexit.register(_stop_server, server)  # registered before Prefect's handlers, so it runs after them
+    os.environ["PREFECT_API_URL"] = url
+    if "prefect.context" in sys.modules:  # Prefect read its settings at import: make it read them again
+        sys.modules["prefect.context"].refresh_global_settings_context()
+    log.info("temporary Prefect server on %s (its own session: signals to our group do not reach it)", url)
+    return url
+
+
+# ---------------------------------------------------------------- serving deployments
+
+
+def serve(deployments: list, limit: int | None = None) -> int:
+    """`prefect.serve(*deployments)` that stops cleanly: on SIGTERM the runner cancels its in-flight flow
+    runs (each gets SIGTERM, stops at a safe point and is marked Cancelled) and returns 143 within seconds.
+    Prefect's own handler stops the runner from inside the signal handler on another event loop and then
+    exits 0 (measured: still running 8 s after SIGTERM). A second SIGTERM exits at once. Returns the exit
+    code: 0 when the runner stopped by itself, 143 / 130 after a signal."""
+    import asyncio
+
+    from prefect.runner import Runner
+
+    class StoppableRunner(Runner):
+        async def start(self, *args: object, **kwargs: object) -> None:
+            self._signal_loop = asyncio.get_running_loop()
+            self._stopping_task: asyncio.Task | None = None
+            await super().start(*args, **kwargs)
+
+        def handle_sigterm(self, signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
+            global _requested
+            if _requested is not None or not self.started:  # a second signal, or nothing to stop yet
+                _requested = _requested or "SIGTERM"
+                raise StopRequested(_requested)
+            _requested = "SIGTERM"
+            log.warning("SIGTERM received: cancelling the flow runs in progress, then exiting")
+            loop = self._signal_loop  # the handler runs in the main thread, inside the runner's loop
+            loop.call_soon_threadsafe(lambda: setattr(self, "_stopping_task", loop.create_task(self.astop())))
+
+    runner = StoppableRunner(pause_on_shutdown=True, limit=limit)
+    for deployment in deployments:
+        runner.add_deployment(deployment)
+    names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
+    print(f"serving {names}; stop with SIGTERM or Ctrl-C", flush=True)
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, StopRequested) as err:
+        if isinstance(err, KeyboardInterrupt):
+            return EXIT_CODES["SIGINT"]
+    return exit_code() if _requested else 0
