@@ -165,9 +165,10 @@ def paper_lengths(conf: RunConfig) -> pl.DataFrame:
 
 
 def _stored_problems(conf: RunConfig) -> pl.DataFrame | None:
-    """The run's own `problems` table: the newest complete ingest folder under the data root."""
+    """The run's own `problems` table: the newest complete `problems` folder under the data root."""
     manifests = sorted(
-        (Path(conf.data_root) / conf.name / "ingest").glob("*/manifest.json"), key=lambda p: p.stat().st_mtime
+        (Path(conf.data_root) / conf.name / "problems").glob("*/manifest.json"),
+        key=lambda p: p.stat().st_mtime,
     )
     if not manifests:
         return None
@@ -349,28 +350,28 @@ def plan(conf: RunConfig, gpus: int = 8, cpus: int | None = None, use_data: bool
         )
 
     pi_rows = pi_prompt + think + sol
-    finetune("finetune_pi_theta0", pi_rows, c, conf.pi_theta0, n)
+    finetune("pi_theta0", pi_rows, c, conf.pi_theta0, n)
     for r in range(1, conf.rounds + 1):
         tag = f"[round {r}]" if conf.rounds > 1 else ""
         prior = conf.posterior_objective == "forward_kl" or r > 1
         if prior:  # Eq. 9: q_phi learns from M traces per question sampled from the policy
             generate(
-                f"sample_prior{tag}",
+                f"prior_samples{tag}",
                 f"{n:,} prompts x M={M}",
                 _sum(M * (think_sampled + answer), c),
                 pi_prompt,
                 c,
             )
-            p.stages.append(_verify(f"verify_prior{tag}", n * M, cpus))
-            finetune(f"finetune_q_phi{tag}", q_prompt + think, M * c, conf.q_phi, n * M)
+            p.stages.append(_verify(f"prior_verdicts{tag}", n * M, cpus))
+            finetune(f"q_phi{tag}", q_prompt + think, M * c, conf.q_phi, n * M)
         elif r == 1:
-            finetune("finetune_q_phi", q_prompt + think, c, conf.q_phi, n)
-        generate(f"sample_posterior{tag}", f"{n:,} prompts x K={K}", _sum(K * think_sampled, c), q_prompt, c)
+            finetune("q_phi", q_prompt + think, c, conf.q_phi, n)
+        generate(f"posterior_samples{tag}", f"{n:,} prompts x K={K}", _sum(K * think_sampled, c), q_prompt, c)
         pi_score = (pi_prompt + think_sampled + sol).clip(upper_bound=conf.score.max_length)
         q_score = (q_prompt + think_sampled).clip(upper_bound=conf.score.max_length)
         scored = _sum(K * (pi_score + q_score), c)
         seconds = _score_seconds(pi_score, K * c, speedup) + _score_seconds(q_score, K * c, speedup)
-        gpu_stage(f"score{tag}", f"{n * K:,} traces x 2 models", scored, seconds, "score", engine=True)
+        gpu_stage(f"logps{tag}", f"{n * K:,} traces x 2 models", scored, seconds, "score", engine=True)
         generate(
             f"rollouts{tag}",
             f"{n * K:,} traces x M={M}",
@@ -378,10 +379,10 @@ def plan(conf: RunConfig, gpus: int = 8, cpus: int | None = None, use_data: bool
             pi_prompt + think_sampled,
             K * c,
         )
-        p.stages.append(_verify(f"verify{tag}", n * K * M, cpus))
+        p.stages.append(_verify(f"verdicts{tag}", n * K * M, cpus))
         final_examples = 2 * n if conf.select.mode == "17k-mix" else n * K  # all-k: every eligible trace
         final_weights = c * (2 if conf.select.mode == "17k-mix" else K)
-        finetune(f"final{tag}", pi_prompt + think_sampled + sol, final_weights, conf.final, final_examples)
+        finetune(f"pi_theta{tag}", pi_prompt + think_sampled + sol, final_weights, conf.final, final_examples)
     if conf.eval.enabled:
         _evaluate(conf, p, speedup, gpu_stage)
     p.notes += [
@@ -418,7 +419,7 @@ def _evaluate(conf: RunConfig, p: Plan, speedup: float, gpu_stage: Any) -> None:
         )
     seconds = samples * length * slowdown / (GENERATE_TOK_S * speedup)
     work = f"{samples:,} samples ({models} models), {length:,.0f} tokens each (assumed {EVAL_FRACTION} x max_tokens)"
-    gpu_stage("evaluate", work, samples * length, seconds, "generate", True)
+    gpu_stage("eval", work, samples * length, seconds, "generate", True)
 
 
 # ---------------------------------------------------------------- output
