@@ -244,3 +244,28 @@ def test_manifest_lists_every_file_with_size_and_hash(tmp_path: Path) -> None:
     for f in manifest["files"]:
         path = tmp_path / numbers["path"] / f["file"]
         assert f["bytes"] == path.stat().st_size and f["sha256"] == store.file_sha256(path)
+
+
+def test_verify_store_names_and_sets_aside_a_damaged_shard(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from variational.cli import main
+
+    cfg = _cfg(tmp_path)
+    store.begin_run(tmp_path, "toy", cfg)
+    _, doubled = _pipeline(cfg)
+    assert main(["verify-store", "toy", "--data-root", str(tmp_path)]) == 0
+    assert "rollouts           round 1: ok" in capsys.readouterr().out
+    shard = tmp_path / doubled["path"] / "part-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the hash can tell
+    shard.write_bytes(bytes(data))
+    assert main(["verify-store", "toy", "--data-root", str(tmp_path), "--dry-run"]) == 1
+    assert shard.exists()  # a dry run moves nothing
+    assert main(["verify-store", "toy", "--data-root", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "DAMAGED: part-00001.parquet: content differs" in out and "were set aside" in out
+    assert not shard.exists() and not (tmp_path / doubled["path"] / "manifest.json").exists()
+    CALLS.clear()
+    _pipeline(cfg)
+    assert CALLS["shard"] == 1  # only the damaged shard is recomputed
