@@ -1,12 +1,13 @@
 """One benchmark command, one markdown table: each comparison measured side by side in the same run.
 
-    .venv/bin/python bench/bench.py [--quick] [--sections scorer,trainer,sampler,verifier]
+    .venv/bin/python bench/bench.py [--quick] [--sections scorer,trainer,sampler,verifier,executor]
 
 (a) scorer: packed + chunked lm-head (variational.scoring) vs the naive full-vocabulary log_softmax, tokens/s
     and peak memory at three sequence lengths (CPU: the embedded SmolLM2-135M; GPU: the same, bf16).
 (b) trainer: trainers/sft.py `train(...)` packed vs padded, tokens/s and padding fraction.
 (c) sampler: vLLM vs the transformers fallback (variational.sampling.Sampler), generated tokens/s.
 (d) verifier: tasks/verify.py `check_answers` on the labelled pairs in ../shared/data, pairs/s.
+(e) executor: the posterior_samples stage through the runner, local vs Ray with 2 workers (issue 9 §5).
 Each section runs in its own try block: a missing piece becomes a "skipped"/"error" row, never a dead table.
 The table is printed and appended to bench/results/<host>-<date>.md.
 Peak memory: CUDA max_memory_allocated on GPU; on CPU the peak RSS above the starting RSS, polled every ms
@@ -280,6 +281,67 @@ def bench_sampler(quick: bool, device: str) -> list[Row]:
     return rows
 
 
+# ---------------------------------------------------------------- (e) executor
+def bench_executor(quick: bool, device: str) -> list[Row]:
+    """The posterior_samples stage (the real declaration, runner and engine; q_phi = the base model) in a
+    Prefect flow, once per executor on a new data root: local (one engine in the flow) vs Ray with 2
+    workers (two engines, each on half the CPUs). The rows must not depend on the executor."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    from prefect import flow
+
+    from tasks.base_model import BASE_MODEL
+    from tasks.ingest import PROBLEMS
+    from tasks.sample_posterior import POSTERIOR_SAMPLES
+    from variational import shutdown
+    from variational.config import ExecutorConfig
+    from variational.executor import task_runner
+    from variational.runner import run, start_run
+    from variational.store import read_stage
+
+    limit, k, max_tokens, shard = (4, 2, 32, 2) if quick else (8, 4, 96, 4)
+    common = [f"data.limit={limit}", f"K={k}", f"posterior_sampling.max_tokens={max_tokens}"]
+    common.append(f"posterior_sampling.shard_size={shard}")
+    setting = f"135M, {limit} questions x K={k}, <= {max_tokens} new, {limit * k // shard} shards"
+    shutdown.start_shielded_prefect_server()  # one server for both flows and the Ray workers
+
+    def sample(executor: ExecutorConfig, overrides: list[str]) -> tuple[float, dict]:
+        @flow(name="bench-executor", task_runner=task_runner(executor))
+        def sample_stage() -> tuple[float, dict]:
+            cfg = start_run("tiny", overrides)
+            problems, base = run(PROBLEMS, cfg), run(BASE_MODEL, cfg)
+            t0 = time.perf_counter()
+            samples = run(POSTERIOR_SAMPLES, cfg, problems=problems, q_phi=base)
+            return time.perf_counter() - t0, samples
+
+        return sample_stage()
+
+    rows, tables = [], {}
+    for kind, workers in (("local", 1), ("ray", 2)):
+        with tempfile.TemporaryDirectory(prefix="bench-executor-") as root:
+            overrides = [*common, f"data_root={root}", f"executor.kind={kind}", f"executor.workers={workers}"]
+            t0 = time.perf_counter()
+            wall, samples = sample(ExecutorConfig(kind=kind, workers=workers), overrides)
+            flow_s = time.perf_counter() - t0
+            table = read_stage(root, samples).drop("elapsed_ms", strict=False)
+            tables[kind] = table
+            rows.append(
+                row(
+                    "executor",
+                    f"{kind}, {workers} worker{'s' * (workers > 1)}",
+                    setting,
+                    f"{table.height / wall:.2f} samples/s",
+                    "(engine procs)",
+                    f"stage {wall:.0f}s incl. engine start(s); flow {flow_s:.0f}s; {table.height} samples",
+                )
+            )
+    if len(tables) == 2:
+        key = ["prompt_idx", "sample_idx"]
+        same = tables["local"].sort(key).equals(tables["ray"].sort(key))
+        rows[-1]["notes"] += f"; rows equal to local: {'yes' if same else 'NO'}"
+    return rows
+
+
 # ---------------------------------------------------------------- (d) verifier
 def bench_verifier(quick: bool, device: str) -> list[Row]:
     import polars as pl
@@ -319,6 +381,7 @@ SECTIONS = {
     "trainer": bench_trainer,
     "sampler": bench_sampler,
     "verifier": bench_verifier,
+    "executor": bench_executor,
 }
 
 

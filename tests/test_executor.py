@@ -6,15 +6,20 @@ Prefect flow on the RayTaskRunner.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import procgroup
 import pytest
 
 from variational.config import ConfigError, ExecutorConfig, RunConfig, parse_config
 from variational.executor import (
+    GROUP_RETRIES,
     RAY_TEMP_DIR,
     Node,
     SharedRootError,
@@ -121,18 +126,21 @@ def test_resolve_workers() -> None:
 
 
 def test_remote_options_for() -> None:
+    def resources(*args) -> dict:
+        options = remote_options_for(*args)
+        assert options.pop("max_retries") == GROUP_RETRIES  # a dead worker's group runs again
+        return options
+
     eight = [gpu_node(0)]
-    assert remote_options_for(conf(tp=2, kind="ray"), True, eight) == {"num_gpus": 2, "num_cpus": 1}
-    assert "num_gpus" not in remote_options_for(conf(kind="ray"), False, eight)  # verify: CPU only
-    assert remote_options_for(conf(kind="ray"), False, eight) == {"num_cpus": 4}
+    assert resources(conf(tp=2, kind="ray"), True, eight) == {"num_gpus": 2, "num_cpus": 1}
+    assert "num_gpus" not in resources(conf(kind="ray"), False, eight)  # verify: CPU only
+    assert resources(conf(kind="ray"), False, eight) == {"num_cpus": 4}
     # this machine: 2 CPUs, 2 workers -> one CPU each, so both groups run at once
     two = [cpu_node(0, 2)]
-    assert remote_options_for(conf(kind="ray", workers=2), True, two) == {"num_cpus": 1}
-    assert remote_options_for(conf(kind="ray", workers=1), True, two) == {"num_cpus": 2}
+    assert resources(conf(kind="ray", workers=2), True, two) == {"num_cpus": 1}
+    assert resources(conf(kind="ray", workers=1), True, two) == {"num_cpus": 2}
     # an even share, but never more than the largest node holds (else Ray could never place it)
-    assert remote_options_for(conf(kind="ray", workers=1), True, [cpu_node(0, 8), cpu_node(1, 8)]) == {
-        "num_cpus": 8
-    }
+    assert resources(conf(kind="ray", workers=1), True, [cpu_node(0, 8), cpu_node(1, 8)]) == {"num_cpus": 8}
 
 
 def test_split_groups_is_balanced_contiguous_and_complete() -> None:
@@ -233,3 +241,80 @@ def test_ray_task_runner_runs_tasks_in_ray_workers(tmp_path: Path) -> None:
     assert written == set(out["pids"])
     assert os.getpid() not in written  # both ran in Ray worker processes, not in the flow's
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------- a Ray worker killed mid-stage (issue 9 §3)
+
+
+def _raytoy(root: Path, *flags: str) -> subprocess.Popen:
+    """tests/raytoy.py in its own process group: the runner, a toy stage of 6 shards, Ray with 2 workers."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    env |= {"PREFECT_HOME": str(root / ".prefect-home"), "PYTHONUNBUFFERED": "1"}
+    (root / ".prefect-home").mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(REPO / "tests" / "raytoy.py"), str(root), *flags]
+    return procgroup.start_in_new_group(cmd, cwd=REPO, env=env)
+
+
+def _shards(root: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (root / "raytoy" / "rollouts").glob("*/part-*.parquet")}
+
+
+@pytest.mark.slow
+def test_a_ray_worker_killed_mid_shard_loses_only_that_shard(tmp_path: Path) -> None:
+    """SIGKILL to the Ray worker process writing shard 1 of group [0, 1, 2]: Ray runs the group again, which
+    skips shard 0; the run finishes with the whole table, and no shard written before the kill is rewritten
+    (then or by a rerun)."""
+    import polars as pl
+    import raytoy
+
+    from variational.store import read_stage
+
+    root = tmp_path / "root"
+    proc = _raytoy(root)
+    pid_file = root / "victim.pid"
+    deadline = time.monotonic() + 300
+    while not pid_file.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, procgroup.output(proc)
+        time.sleep(0.1)
+    victim = int(pid_file.read_text())
+    before = _shards(root)
+    assert "part-00000.parquet" in before and "part-00001.parquet" not in before, before
+    os.kill(victim, signal.SIGKILL)
+    rc = proc.wait(timeout=300)
+    log = procgroup.output(proc, last=400)
+    assert rc == 0, log
+    assert procgroup.wait_group_gone(proc.pid) == []
+    assert "will be retried" in log, log  # Ray's own report: the group ran again
+
+    after = _shards(root)
+    assert {k: after[k] for k in before} == before, "shards written before the kill were rewritten"
+    assert sorted(after) == [f"part-{i:05d}.parquet" for i in range(6)]
+    run = json.loads((root / "raytoy" / "run.json").read_text())["stages"]["rollouts"]["1"]
+    rollouts = read_stage(root, {"stage": "rollouts", **run}).sort("x")
+    assert rollouts["x"].to_list() == list(range(18)) and rollouts["y"].to_list() == [
+        3 * x for x in range(18)
+    ]
+    pids = dict(zip(rollouts["x"], rollouts["pid"], strict=True))
+    assert pids[0] == victim  # shard 0: the killed worker wrote it before it died
+    assert pids[raytoy.VICTIM_ITEM] != victim  # shard 1: the retried group wrote it
+    assert rollouts.filter(pl.col("pid") == victim).height == 3  # and nothing else of the dead worker
+
+    rerun = _raytoy(root)  # everything finished: reused, nothing written
+    assert rerun.wait(timeout=300) == 0, procgroup.output(rerun)
+    assert _shards(root) == after
+    assert (
+        json.loads((root / "raytoy" / "run.json").read_text())["stages"]["rollouts"]["1"]["computed"] is False
+    )
+
+
+@pytest.mark.slow
+def test_a_worker_with_other_code_stops_the_stage_before_writing(tmp_path: Path) -> None:
+    """Stages defined in the driver's `__main__` hash differently in a worker (another `__main__`), as a
+    node with another checkout would: the group refuses to write and no manifest is made."""
+    root = tmp_path / "root"
+    proc = _raytoy(root, "--as-main")
+    rc = proc.wait(timeout=300)
+    log = procgroup.output(proc, last=400)
+    assert rc != 0 and "CodeMismatch" in log and "differ from the flow's" in log, log
+    assert not list((root / "raytoy" / "rollouts").glob("*/part-*.parquet"))
+    assert not list((root / "raytoy" / "rollouts").glob("*/manifest.json"))

@@ -172,6 +172,23 @@ def test_resume_redoes_only_missing_shards(tmp_path: Path) -> None:
     assert CALLS == {"shard": 1, "engine": 1, "engine_closed": 1}
 
 
+def test_a_missing_shard_after_the_workers_is_an_error_not_a_short_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers that return without writing a shard (another folder, a lost node) must not let the flow
+    finish the stage over the shards that are there."""
+    cfg = _cfg(tmp_path)
+    numbers = run_stage(NUMBERS, cfg, {})
+    real = runner.compute_shards
+    monkeypatch.setattr(runner, "compute_shards", lambda *a, **k: real(*a[:6], [i for i in a[6] if i != 2]))
+    with pytest.raises(RuntimeError, match=r"rollouts: shards \[2\] of 4 are missing"):
+        run_stage(DOUBLED, cfg, {"numbers": numbers})
+    assert not list(tmp_path.rglob("rollouts/*/manifest.json"))
+    monkeypatch.undo()
+    doubled = run_stage(DOUBLED, cfg, {"numbers": numbers})  # the rerun writes only shard 2
+    assert CALLS["shard"] == 3 + 1 and doubled["rows"] == 10
+
+
 def test_changed_field_recomputes_only_what_reads_it(tmp_path: Path) -> None:
     _pipeline(_cfg(tmp_path))
     CALLS.clear()

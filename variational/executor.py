@@ -37,6 +37,9 @@ CPUS_PER_VERIFY_GROUP = 4
 RAY_TEMP_DIR = "/tmp/vr-ray"
 # The driver and the shard groups pass manifests and shard ids, never tables, through the object store.
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
+# A group whose worker process dies (SIGKILL, OOM, a lost node) is run again by Ray this many times; the
+# rerun skips the shards already written. An exception raised by the stage's code is not retried.
+GROUP_RETRIES = 2
 PROBE_TIMEOUT_S = 300.0  # a node's first task starts a Python worker there (seconds; minutes when loaded)
 
 
@@ -163,11 +166,11 @@ def remote_options_for(
     nodes = cluster_nodes() if nodes is None else nodes
     tp = conf.engine.tensor_parallel_size
     if engine_needed and engine_slots(nodes, tp) > 0:
-        return {"num_gpus": tp, "num_cpus": 1}
+        return {"num_gpus": tp, "num_cpus": 1, "max_retries": GROUP_RETRIES}
     workers = resolve_workers(conf, engine_needed, nodes)
     total = int(sum(n.cpus for n in nodes))
     largest = int(max((n.cpus for n in nodes), default=1))
-    return {"num_cpus": max(1, min(largest, total // workers))}
+    return {"num_cpus": max(1, min(largest, total // workers)), "max_retries": GROUP_RETRIES}
 
 
 def split_groups(pending: Sequence[int], workers: int) -> list[list[int]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -308,11 +309,17 @@ def run_shards(stage: Stage, inputs: Inputs, store: StageStore, items: pl.DataFr
         with executor.remote_options(**executor.remote_options_for(conf, engine_needed=engine_needed)):
             for g, ids in enumerate(groups):
                 name = f"{stage.name}[group {g + 1}/{len(groups)}]"
-                futures.append(group_task(name).submit(stage, inputs.cfg, inputs.refs, inputs.round, ids))
+                args = (stage, inputs.cfg, inputs.refs, inputs.round, ids, store.fp)
+                futures.append(group_task(name).submit(*args))
         for future in futures:
             future.result()  # raises the first worker's error; finished shards stay written
     else:
         compute_shards(stage, inputs, store, items, size, n, pending)
+    if missing := [i for i in range(n) if not store.has_shard(i)]:  # never a manifest over a partial table
+        raise RuntimeError(
+            f"{stage.name}: shards {missing} of {n} are missing in {store.dir} after every worker returned; "
+            "rerun to compute them"
+        )
 
 
 def compute_shards(
@@ -347,12 +354,26 @@ def compute_one(
     return out.height
 
 
-def compute_group(stage: Stage, cfg: dict, refs: dict[str, Ref], round_: int, ids: list[int]) -> int:
+class CodeMismatch(RuntimeError):
+    """A worker computes another fingerprint for a stage than the flow: its code or packages differ."""
+
+
+def compute_group(
+    stage: Stage, cfg: dict, refs: dict[str, Ref], round_: int, ids: list[int], fingerprint: str
+) -> int:
     """A Ray worker's share of a stage: plan again (cheap, deterministic), open one engine, write `ids`.
-    A worker killed mid-shard loses only that shard: the others are written, atomically, one by one."""
+    A worker killed mid-shard loses only that shard: the others are written, atomically, one by one, and
+    Ray's retry of the group (or a rerun) skips them. The worker must fingerprint the stage as the flow did
+    (`fingerprint`), or it would write its shards into another folder than the one the flow finishes."""
     conf = RunConfig.model_validate(cfg)
     inputs = Inputs(stage, conf, refs, round_)
-    store = StageStore(conf.data_root, conf.name, stage.name, stage_fingerprint(stage, conf, refs, round_))
+    if (here := stage_fingerprint(stage, conf, refs, round_)) != fingerprint:
+        raise CodeMismatch(
+            f"{stage.name}: the worker on {socket.gethostname()} fingerprints this stage {here}, the flow "
+            f"{fingerprint}: its code or packages differ from the flow's; run every node from the same "
+            "checkout and environment"
+        )
+    store = StageStore(conf.data_root, conf.name, stage.name, fingerprint)
     items = stage.plan(inputs)
     size = _shard_size(stage, inputs)
     todo = [i for i in ids if not store.has_shard(i)]
