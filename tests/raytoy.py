@@ -89,11 +89,17 @@ def main(root: Path, stages: Any) -> int:
 
     @flow(name="raytoy", task_runner=task_runner(parse_config(cfg).executor))
     def raytoy() -> dict:
+        shutdown.install()  # again, as start_run does: Ray's init replaced the SIGTERM handler
         begin_run(root, cfg["name"], cfg)
         numbers = run(stages.NUMBERS, cfg)
         return run(stages.MULTIPLIED, cfg, numbers=numbers)
 
-    raytoy()
+    try:
+        raytoy()
+    except BaseException as err:  # as the CLI: after a stop signal, whatever surfaced means "stopped"
+        if shutdown.requested_signal() is None:
+            raise
+        return shutdown.exit_code(err)
     return 0
 
 

@@ -307,6 +307,48 @@ def test_a_ray_worker_killed_mid_shard_loses_only_that_shard(tmp_path: Path) -> 
     )
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_ray_run_cleanly_and_the_rerun_resumes(tmp_path: Path) -> None:
+    """SIGTERM to the run's process group (what `timeout`, Slurm and Kubernetes send) while a Ray worker is
+    inside a shard: Ray's own SIGTERM handler (it aborts the driver) must not win over ours; the run exits
+    143 within 30 s, nothing of the group or the busy worker is left, and the rerun keeps every shard written
+    before the stop."""
+    root = tmp_path / "root"
+    proc = _raytoy(root)
+    pid_file = root / "victim.pid"
+    deadline = time.monotonic() + 300
+    while not pid_file.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, procgroup.output(proc)
+        time.sleep(0.1)
+    victim = int(pid_file.read_text())
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM)
+    rc = proc.wait(timeout=60)
+    stopped_in = time.monotonic() - t0
+    log = procgroup.output(proc, last=200)
+    assert rc == 143 and stopped_in < 30, f"rc {rc} after {stopped_in:.0f}s:\n{log}"
+    assert "SIGTERM received" in log and "SIGTERM received at time" not in log, log  # ours, not Ray's
+    assert procgroup.wait_group_gone(proc.pid) == []
+    deadline = time.monotonic() + 30  # the worker runs in its own group: Ray's shutdown must end it
+    while _alive(victim) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(victim), f"the Ray worker {victim} outlived the stopped run"
+    before = _shards(root)
+    assert "part-00000.parquet" in before and "part-00001.parquet" not in before, before
+
+    rerun = _raytoy(root)
+    assert rerun.wait(timeout=300) == 0, procgroup.output(rerun)
+    after = _shards(root)
+    assert {k: after[k] for k in before} == before and len(after) == 6
+
+
 @pytest.mark.slow
 def test_a_worker_with_other_code_stops_the_stage_before_writing(tmp_path: Path) -> None:
     """Stages defined in the driver's `__main__` hash differently in a worker (another `__main__`), as a

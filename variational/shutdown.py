@@ -106,8 +106,10 @@ def install() -> None:
         return
     with _lock:
         for signum in SIGNALS:
-            if signal.getsignal(signum) is not _on_signal:
-                signal.signal(signum, _on_signal)
+            # always set, even when getsignal() says it is ours: a C library can replace the handler with
+            # sigaction behind Python's back (Ray's core worker installs its own SIGTERM handler at
+            # ray.init, which prints a stack and aborts the run), and getsignal() cannot see that
+            signal.signal(signum, _on_signal)
 
 
 def installed() -> bool:
