@@ -255,6 +255,16 @@ def _raytoy(root: Path, *flags: str) -> subprocess.Popen:
     return procgroup.start_in_new_group(cmd, cwd=REPO, env=env)
 
 
+def _victim(root: Path, proc: subprocess.Popen) -> int:
+    """The pid of the Ray worker inside the victim shard, once it is there (raytoy writes it)."""
+    pid_file = root / "victim.pid"
+    deadline = time.monotonic() + 300
+    while not pid_file.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, procgroup.output(proc)
+        time.sleep(0.1)
+    return int(pid_file.read_text())
+
+
 def _shards(root: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in (root / "raytoy" / "rollouts").glob("*/part-*.parquet")}
 
@@ -271,12 +281,7 @@ def test_a_ray_worker_killed_mid_shard_loses_only_that_shard(tmp_path: Path) -> 
 
     root = tmp_path / "root"
     proc = _raytoy(root)
-    pid_file = root / "victim.pid"
-    deadline = time.monotonic() + 300
-    while not pid_file.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, procgroup.output(proc)
-        time.sleep(0.1)
-    victim = int(pid_file.read_text())
+    victim = _victim(root, proc)
     before = _shards(root)
     assert "part-00000.parquet" in before and "part-00001.parquet" not in before, before
     os.kill(victim, signal.SIGKILL)
@@ -322,12 +327,7 @@ def test_sigterm_stops_a_ray_run_cleanly_and_the_rerun_resumes(tmp_path: Path) -
     before the stop."""
     root = tmp_path / "root"
     proc = _raytoy(root)
-    pid_file = root / "victim.pid"
-    deadline = time.monotonic() + 300
-    while not pid_file.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, procgroup.output(proc)
-        time.sleep(0.1)
-    victim = int(pid_file.read_text())
+    victim = _victim(root, proc)
     t0 = time.monotonic()
     os.killpg(proc.pid, signal.SIGTERM)
     rc = proc.wait(timeout=60)
