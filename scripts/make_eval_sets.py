@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+# scripts/ is this script's sys.path[0]: the ranking, the prefix and the writer are the training set's own
+from make_mini_dataset import BOXED_PREFIX, REPO, ranked_gsm8k, write_jsonl
+
 EVAL = REPO / "variational" / "data" / "eval"
 MINI = REPO / "variational" / "data" / "mini_stratos.jsonl"
 N_ARITH, N_GSM8K, SKIP_GSM8K, N_MMLU_TINY = 26, 24, 24, 8
-BOXED_PREFIX = "Return your final response within \\boxed{}. "
 
 # (question template, answer formula) with a, b, c drawn per item; worded unlike the mini training set
 ARITH = [
@@ -64,15 +64,8 @@ def arith_items(n: int, seed: int = 7) -> list[dict]:
 
 
 def gsm8k_items(path: Path, skip: int, n: int) -> list[dict]:
-    """GSM8K test items ranked as make_mini_dataset.py ranks them; items skip..skip+n of that order."""
-    items = [json.loads(line) for line in path.read_text().splitlines()]
-
-    def n_steps(item: dict) -> int:
-        lines = item["solution"].split("\n")
-        return len([x for x in lines if x.strip() and not x.startswith("####")])
-
-    items = [it for it in items if re.fullmatch(r"-?\d+", it["answer"])]
-    items.sort(key=lambda it: (n_steps(it), len(it["problem"]), it["id"]))
+    """GSM8K test items skip..skip+n in the order make_mini_dataset.py trains on the head of."""
+    items = ranked_gsm8k(path)
     return [
         {
             "id": it["id"],
@@ -97,11 +90,6 @@ def mmlu_tiny(rows: list[dict], n: int) -> list[dict]:
     largest = sorted(by_category, key=lambda c: (-len(by_category[c]), c))[:n]
     picks = [min(by_category[c], key=lambda r: (len(r["question"]), r["question_id"])) for c in largest]
     return sorted(picks, key=lambda r: r["question_id"])
-
-
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    print(f"wrote {len(rows)} rows to {path.relative_to(REPO)}")
 
 
 def main() -> None:

@@ -118,19 +118,25 @@ def arith_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def gsm8k_rows(path: Path, n: int) -> list[dict]:
-    """The n GSM8K test items with the fewest solution steps (then the shortest question)."""
+def solution_steps(item: dict) -> list[str]:
+    """A GSM8K solution's steps: its non-empty lines before `####`, calculator annotations removed."""
+    lines = item["solution"].split("\n")
+    return [re.sub(r"<<[^>]*>>", "", x).strip() for x in lines if x.strip() and not x.startswith("####")]
+
+
+def ranked_gsm8k(path: Path) -> list[dict]:
+    """GSM8K test items with an integer answer, fewest solution steps first (then the shortest question).
+    The training set takes the head of this order and scripts/make_eval_sets.py the items after it."""
     items = [json.loads(line) for line in path.read_text().splitlines()]
-
-    def steps(item: dict) -> list[str]:
-        lines = item["solution"].split("\n")
-        return [re.sub(r"<<[^>]*>>", "", x).strip() for x in lines if x.strip() and not x.startswith("####")]
-
     items = [it for it in items if re.fullmatch(r"-?\d+", it["answer"])]
-    items.sort(key=lambda it: (len(steps(it)), len(it["problem"]), it["id"]))
+    return sorted(items, key=lambda it: (len(solution_steps(it)), len(it["problem"]), it["id"]))
+
+
+def gsm8k_rows(path: Path, n: int) -> list[dict]:
+    """The first n ranked GSM8K test items as long-CoT training rows."""
     rows = []
-    for it in items[:n]:
-        st = steps(it)
+    for it in ranked_gsm8k(path)[:n]:
+        st = solution_steps(it)
         think = (
             "Let me work through it step by step.\n\n"
             + "\n\n".join(st)
