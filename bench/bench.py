@@ -2,10 +2,10 @@
 
     .venv/bin/python bench/bench.py [--quick] [--sections scorer,trainer,sampler,verifier,executor]
 
-(a) scorer: packed + chunked lm-head (variational.scoring) vs the naive full-vocabulary log_softmax, tokens/s
+(a) scorer: packed + chunked lm-head (variational.engines.scoring) vs the naive full-vocabulary log_softmax, tokens/s
     and peak memory at three sequence lengths (CPU: the embedded SmolLM2-135M; GPU: the same, bf16).
 (b) trainer: trainers/sft.py `train(...)` packed vs padded, tokens/s and padding fraction.
-(c) sampler: vLLM vs the transformers fallback (variational.sampling.Sampler), generated tokens/s.
+(c) sampler: vLLM vs the transformers fallback (variational.engines.sampling.Sampler), generated tokens/s.
 (d) verifier: tasks/verify.py `check_answers` on the labelled pairs in ../shared/data, pairs/s.
 (e) executor: the posterior_samples stage through the runner, local vs Ray with 2 workers (issue 9 §5).
 Each section runs in its own try block: a missing piece becomes a "skipped"/"error" row, never a dead table.
@@ -95,7 +95,7 @@ def row(section: str, variant: str, setting: str, rate: str, mem: float | str = 
 
 
 def embedded_model() -> Path:
-    from variational.models import prepare_embedded
+    from variational.engines.models import prepare_embedded
 
     return prepare_embedded("smollm2-135m")
 
@@ -114,7 +114,7 @@ def bench_scorer(quick: bool, device: str) -> list[Row]:
     from transformers import AutoModelForCausalLM
 
     from variational.config import ScoreConfig
-    from variational.scoring import load_scorer, score_continuations
+    from variational.engines.scoring import load_scorer, score_continuations
 
     model_dir = embedded_model()
     model, _ = load_scorer(model_dir, device=device)
@@ -245,7 +245,7 @@ def bench_trainer(quick: bool, device: str) -> list[Row]:
 def bench_sampler(quick: bool, device: str) -> list[Row]:
     from variational import templates
     from variational.config import EngineConfig, SamplingConfig
-    from variational.sampling import Sampler
+    from variational.engines.sampling import Sampler
 
     problems = mini_problems(4)
     prompts = [templates.pi_prompt(q) for q in problems["question"]]
@@ -293,17 +293,17 @@ def bench_executor(quick: bool, device: str) -> list[Row]:
     from tasks.base_model import BASE_MODEL
     from tasks.ingest import PROBLEMS
     from tasks.sample_posterior import POSTERIOR_SAMPLES
-    from variational import shutdown
     from variational.config import ExecutorConfig
-    from variational.executor import task_runner
-    from variational.runner import run, start_run
-    from variational.store import read_stage
+    from variational.pipeline import orchestration
+    from variational.pipeline.orchestration import task_runner
+    from variational.pipeline.runner import run, start_run
+    from variational.pipeline.store import read_stage
 
     limit, k, max_tokens, shard = (4, 2, 32, 2) if quick else (8, 4, 96, 4)
     common = [f"data.limit={limit}", f"K={k}", f"posterior_sampling.max_tokens={max_tokens}"]
     common.append(f"posterior_sampling.shard_size={shard}")
     setting = f"135M, {limit} questions x K={k}, <= {max_tokens} new, {limit * k // shard} shards"
-    shutdown.start_shielded_prefect_server()  # one server for both flows and the Ray workers
+    orchestration.start_shielded_server()  # one server for both flows and the Ray workers
 
     def sample(executor: ExecutorConfig, overrides: list[str]) -> tuple[float, dict]:
         @flow(name="bench-executor", task_runner=task_runner(executor))

@@ -4,7 +4,7 @@
     python bench/gpu_check.py --dry-run    # tiny config on CPU: checks that the script runs
 
 Needs only torch, transformers and numpy (no vLLM, no `pip install -e .`, no internet): the repo root goes
-on sys.path and variational.scoring is imported from the working tree. The model is a RANDOM-weight
+on sys.path and variational.engines.scoring is imported from the working tree. The model is a RANDOM-weight
 Qwen3ForCausalLM of Qwen3-4B shape built from a config on the GPU in bf16 (throughput does not depend on the
 weights). Measures:
 - the bf16 matmul rate of a large torch.mm: the yardstick;
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, Qwen3Config  # noqa: E402
 
-from variational.scoring import VARLEN, score_continuations  # noqa: E402
+from variational.engines.scoring import VARLEN, score_continuations  # noqa: E402
 
 QWEN3_4B = dict(
     hidden_size=2560,

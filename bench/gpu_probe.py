@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, Qwen3Config  # noqa: E402
 
 from bench.gpu_check import QWEN3_4B, matmul_rate  # noqa: E402
-from variational.scoring import VARLEN, compile_for_scoring, score_continuations  # noqa: E402
+from variational.engines.scoring import VARLEN, compile_for_scoring, score_continuations  # noqa: E402
 
 
 def timed(fn, reps: int = 3) -> float:

@@ -3,7 +3,8 @@
 and such a file would shadow the `variational` package.)
 
 Each `run(STAGE, cfg, **inputs)` is one Prefect task that reuses the stage when its fingerprint's folder is
-complete and computes it otherwise (variational/runner.py). Rounds (`rounds: T`, Algorithm 1): round 1 is
+complete and computes it otherwise (variational/pipeline/runner.py); `runner.trace` walks this body
+without computing anything, which is how the planner and the tests read the DAG. Rounds (`rounds: T`, Algorithm 1): round 1 is
 the paper's recipe; in round t > 1 q_phi is updated by forward KL (Eq.9) on traces sampled from the round
 t-1 policy, and that policy takes the place of pi_theta0.
 """
@@ -23,7 +24,8 @@ from tasks.score import LOGPS
 from tasks.select import TRAIN
 from tasks.verify import PRIOR_VERDICTS, VERDICTS
 from tasks.weights import WEIGHTS
-from variational.runner import Ref, report, run, start_run
+from variational.analysis.report import write_and_publish
+from variational.pipeline.runner import Call, Ref, run, start_run, step, trace
 
 
 def fit_posterior(cfg: dict, problems: Ref, base: Ref, policy: Ref, init: Ref | None, r: int) -> Ref:
@@ -45,7 +47,8 @@ def fit_posterior(cfg: dict, problems: Ref, base: Ref, policy: Ref, init: Ref | 
 
 
 @flow(name="variational", log_prints=True)
-def variational(config: str = "configs/tiny.yaml", overrides: list[str] | None = None) -> dict:
+def variational(config: str | dict = "configs/tiny.yaml", overrides: list[str] | None = None) -> dict:
+    """`config`: a YAML path or name (deployments), or the config the CLI has already validated."""
     cfg = start_run(config, overrides)
     problems = run(PROBLEMS, cfg)
     base = run(BASE_MODEL, cfg)
@@ -78,4 +81,9 @@ def variational(config: str = "configs/tiny.yaml", overrides: list[str] | None =
         pi_theta = run(PI_THETA, cfg, r, train=train, base_model=base, init=pi_theta if r > 1 else None)
     if cfg["eval"]["enabled"]:
         run(EVAL, cfg, base_model=base, pi_theta0=pi_theta0, pi_theta=pi_theta)
-    return {"pi_theta": pi_theta, "train": train, "report": report(cfg)}
+    return {"pi_theta": pi_theta, "train": train, "report": step("report", write_and_publish, cfg)}
+
+
+def dag(config: str | dict, overrides: list[str] | None = None) -> list[Call]:
+    """The stages this flow runs for `config`, in order, with their fingerprints; nothing is computed."""
+    return trace(variational.fn, config, overrides)

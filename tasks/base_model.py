@@ -6,13 +6,13 @@ what `eval` evaluates as "base". Cheap and idempotent, so it resolves every run.
 
 from __future__ import annotations
 
-from variational import models
-from variational.runner import Stage
+from variational.engines import models
+from variational.pipeline.stage import Stage
 
 BASE_MODEL = Stage(
     name="base_model",
     fields=("base_model",),
-    code=("variational.models",),
+    code=("variational.engines.models",),
     resolve=lambda i: models.resolve_model(i.conf.base_model),
     identity=lambda i: {"model": models.model_identity(i.conf.base_model)},
     per_round=False,

@@ -1,8 +1,8 @@
-"""evaluate: benchmarks -> k samples per problem from each model -> each benchmark's grader -> `eval` + summary.
+"""Stage `eval`: benchmarks -> k samples per problem from each model -> each benchmark's grader -> `eval` + summary.
 
 In:  model manifests under upstream keys "base", "pi_theta0", "pi_theta" (each with "model_dir"), and
      cfg.eval.benchmarks (embedded:<name>, a local .jsonl/.parquet file or folder, or a hub id), loaded and
-     prompted by variational.benchmarks as the paper's harness does (SkyThought 0d190f1).
+     prompted by variational.data.benchmarks as the paper's harness does (SkyThought 0d190f1).
 Out: the `eval` table, one shard per model (shard i = i-th evaluated model, so a crash while evaluating the
      third model keeps the first two), columns model, benchmark, problem_id, sample, text, n_tokens,
      finish_reason, extracted, correct, status; and `summary.parquet` beside the shards (one row per
@@ -10,7 +10,7 @@ Out: the `eval` table, one shard per model (shard i = i-th evaluated model, so a
      format, null where a benchmark has fewer samples than that k), rendered as the markdown artifact
      comparing the models, with the paper's table (Math avg / Other avg beside its 4B numbers).
 Graders (grade_samples): math -> math-verify, mmlu_pro / gpqa -> the chosen letter, code -> the tests.
-Metrics and summary tables (avg@k, its interval, pass@k, the paper's table): variational/metrics.py.
+Metrics and summary tables (avg@k, its interval, pass@k, the paper's table): variational/analysis/metrics.py.
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ from typing import Any
 
 import polars as pl
 
-from tasks import verify  # math_verify itself is imported only in its worker processes
-from variational import benchmarks, templates
-from variational.benchmarks import benchmark_hash, load_benchmark  # noqa: F401  (the task uses them)
+from variational import templates
+from variational.analysis.metrics import MODELS, summarize, summary_markdown  # noqa: F401
 from variational.config import EngineConfig, EvalConfig, VerifyConfig
-from variational.metrics import MODELS, summarize, summary_markdown  # noqa: F401
-from variational.runner import Engine, Inputs, Stage, logger
-from variational.sampling import Sampler, request_seed
+from variational.data import benchmarks
+from variational.data.benchmarks import benchmark_hash, load_benchmark  # noqa: F401  (the task uses them)
+from variational.engines.sampling import Sampler, request_seed
+from variational.pipeline.stage import Engine, Inputs, Stage, logger
+from variational.verifiers import answers
+from variational.verifiers.answers import GRADING_CODE
 
 KEY = ["model", "benchmark", "problem_id", "sample"]
 
@@ -34,7 +36,7 @@ KEY = ["model", "benchmark", "problem_id", "sample"]
 
 
 def build_eval_requests(benchmarks: dict[str, pl.DataFrame], cfg: EvalConfig) -> pl.DataFrame:
-    """benchmark -> problems frames (variational.benchmarks.load_benchmark) -> one request per problem:
+    """benchmark -> problems frames (variational.data.benchmarks.load_benchmark) -> one request per problem:
     request_idx (stable, used for seeds), benchmark, problem_id, prompt (the pi_theta template around the
     harness's user message), grader, gold, tests, k."""
     frames = []
@@ -82,8 +84,8 @@ def _grade_choices(rows: pl.DataFrame) -> pl.DataFrame:
 
 def grade_samples(samples: pl.DataFrame, cfg: VerifyConfig) -> pl.DataFrame:
     """samples[text, grader, gold, tests, ...] -> the same rows + extracted, correct, status, each row by
-    its benchmark's grader: math -> verify.check_answers (math-verify), mmlu_pro / gpqa -> the chosen
-    letter (benchmarks.extract_choice), code -> verify.check_code on the APPS `input_output` tests."""
+    its benchmark's grader: math -> answers.check_answers (math-verify), mmlu_pro / gpqa -> the chosen
+    letter (benchmarks.extract_choice), code -> answers.check_code on the APPS `input_output` tests."""
     rows = samples.with_row_index("__row")
     graders = set(rows["grader"].unique().to_list())
     if unknown := graders - {"math", "mmlu_pro", "gpqa", "code"}:
@@ -94,14 +96,14 @@ def grade_samples(samples: pl.DataFrame, cfg: VerifyConfig) -> pl.DataFrame:
     parts = []
     math_rows = rows.filter(pl.col("grader") == "math")
     if math_rows.height:
-        checked = verify.check_answers(math_rows.select("__row", "text", "gold"), cfg.timeout_s, cfg.workers)
+        checked = answers.check_answers(math_rows.select("__row", "text", "gold"), cfg.timeout_s, cfg.workers)
         parts.append(checked.select(verdict_cols))
     choice_rows = rows.filter(pl.col("grader").is_in(["mmlu_pro", "gpqa"]))
     if choice_rows.height:
         parts.append(_grade_choices(choice_rows))
     code_rows = rows.filter(pl.col("grader") == "code")
     if code_rows.height:
-        checked = verify.check_code(
+        checked = answers.check_code(
             code_rows.select("__row", "text", "tests"),
             timeout_s=cfg.code_timeout_s,
             memory_mb=cfg.code_memory_mb,
@@ -195,11 +197,10 @@ EVAL = Stage(
     fields=("eval", "engine", "verify.timeout_s", "verify.code_timeout_s", "verify.code_memory_mb"),
     uses=("verify",),
     code=(
-        "variational.templates",
-        "tasks.verify",
-        "variational.sampling",
-        "variational.benchmarks",
-        "variational.metrics",
+        *GRADING_CODE,
+        "variational.engines.sampling",
+        "variational.data.benchmarks",
+        "variational.analysis.metrics",
     ),
     plan=_plan,
     shard=_shard,

@@ -28,7 +28,7 @@ import polars as pl
 from trainers.launch import run_training
 from variational import templates
 from variational.config import TrainConfig
-from variational.runner import Inputs, Stage, logger
+from variational.pipeline.stage import Inputs, Stage, logger
 
 EXAMPLES_SCHEMA = pl.Schema(
     {
@@ -152,7 +152,14 @@ def _q_phi_examples(i: Inputs) -> pl.DataFrame:
 
 
 _MODEL = {
-    "code": ("trainers.sft", "trainers.distributed", "trainers.checkpoint", "variational.templates"),
+    "code": (
+        "trainers.sft",
+        "trainers.batches",
+        "trainers.model",
+        "trainers.distributed",
+        "trainers.checkpoint",
+        "variational.templates",
+    ),
     "verify_inputs": True,  # hash-check the examples' sources before hours of training
     "needs_gpu": True,
 }

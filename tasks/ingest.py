@@ -1,13 +1,13 @@
-"""ingest: raw Bespoke-Stratos rows -> `problems` (design.md stage 1), plus the rows it had to reject.
+"""Stage `problems`: raw Bespoke-Stratos rows -> `problems` (design.md stage 1), plus the rows it had to reject.
 
 In: a dataset (`data.dataset`) in the Bespoke-Stratos-17k schema: `system` (str), `conversations` (list of
 {from, value}: "user" then "assistant"), optional `source`, `gold`/`answer` (str or list of str), `tests`
 (list of {input, output}, or the APPS/TACO `input_output` JSON string); optionally `data.source_dataset` and
-`data.aux` (variational/sources.py).
+`data.aux` (variational/data/sources.py).
 Out: `problems` (prompt_idx, source, kind, question, think_ref, solution_ref, gold, tests) and `rejects`
 (row_index, file, file_row, reason). Every raw row of the subset lands in exactly one of them.
 
-Three layers, each rejecting a row on its own: variational/rawdata.py reads bytes (not UTF-8, not JSON,
+Three layers, each rejecting a row on its own: variational/data/raw.py reads bytes (not UTF-8, not JSON,
 over `data.max_row_bytes`), `raw_frame` checks the shape (`conversations` a list of turns), `ingest` the
 content (turn order, thought/solution tags). `variational data check` runs exactly these three.
 
@@ -34,11 +34,11 @@ from typing import Any
 
 import polars as pl
 
-from variational import sources as src
 from variational import templates
 from variational.config import AuxDataset, DataConfig
-from variational.rawdata import EMBEDDED, RawRows, content_hash, embedded_path, local_files, read_rows
-from variational.runner import Inputs, Output, Stage, logger
+from variational.data import sources as src
+from variational.data.raw import EMBEDDED, RawRows, content_hash, embedded_path, local_files, read_rows
+from variational.pipeline.stage import Inputs, Output, Stage, logger
 
 __all__ = ["EMBEDDED", "content_hash", "embedded_path", "local_files"]  # re-exported for the task and tests
 
@@ -265,7 +265,7 @@ def assign_sources(
     derive: bool,
 ) -> tuple[pl.DataFrame, src.SourceReport]:
     """problems.source from (first that applies) the source dataset, the raw `source` column, or the public
-    rows themselves (variational/sources.py); kind follows the source. Runs on every row, before `subset`:
+    rows themselves (variational/data/sources.py); kind follows the source. Runs on every row, before `subset`:
     the derivation reads block positions and the official counts hold for the whole set only.
     `source_rows`: (row_index, source, question) of the source dataset and its row count."""
     if source_rows is not None:
@@ -373,7 +373,7 @@ def _aux_rows(name: str, aux: AuxDataset, indices: set[int], report: src.SourceR
 
 
 def load_and_ingest(data: DataConfig) -> IngestResult:
-    """Read, validate, assign sources, take the subset, join the source datasets: the whole ingest stage."""
+    """Read, validate, assign sources, take the subset, join the source datasets: the whole problems stage."""
     rr = read_rows(data.dataset, data.split, data.max_row_bytes)
     raw, problems, rejects = _validate(rr)
     source_rows = _source_rows(data.source_dataset) if data.source_dataset else None
@@ -482,7 +482,7 @@ def _data_content(i: Inputs) -> dict:
 PROBLEMS = Stage(
     name="problems",
     fields=("data",),
-    code=("variational.templates", "variational.rawdata", "variational.sources"),
+    code=("variational.templates", "variational.data.raw", "variational.data.sources"),
     core=_problems,
     identity=_data_content,
     per_round=False,

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import polars as pl
 
-from tasks import sample_posterior as posterior
 from variational import templates
 from variational.config import SamplingConfig
-from variational.runner import Engine, Inputs, Stage
-from variational.sampling import Completion, request_seed
+from variational.engines.samples import ENGINE_FIELDS, open_sampler
+from variational.engines.sampling import Completion, request_seed
+from variational.pipeline.stage import Engine, Inputs, Stage
 
 WELL_FORMED = templates.END_THOUGHT.removeprefix(templates.END_OF)  # "_thought|>": how an answer starts
 REQUEST_SCHEMA = {"prompt_idx": pl.Int64, "sample_idx": pl.Int64, "round": pl.Int64, "prompt": pl.String}
@@ -142,13 +142,13 @@ def _summary(i: Inputs, rollouts: pl.DataFrame) -> str:
 ROLLOUTS = Stage(
     name="rollouts",
     inputs=("problems", "posterior_samples", "pi_theta0"),
-    fields=("M", "rollout_sampling", *posterior.ENGINE_FIELDS),
+    fields=("M", "rollout_sampling", *ENGINE_FIELDS),
     uses=("engine",),
-    code=("tasks.sample_posterior", "variational.sampling", "variational.templates"),
+    code=("variational.engines.samples", "variational.engines.sampling", "variational.templates"),
     plan=_plan,
     shard=_shard,
     shard_size="rollout_sampling.shard_size",
-    engine=posterior.open_sampler("pi_theta0", prefix_caching=True),
+    engine=open_sampler("pi_theta0", prefix_caching=True),
     summary=_summary,
     needs_gpu=True,
 )

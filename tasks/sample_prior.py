@@ -1,10 +1,10 @@
-"""Stage `sample_prior`: M traces per question from the policy π_θ WITHOUT the hint (forward KL, method.md §2 Eq.9).
+"""Stage `prior_samples`: M traces per question from the policy π_θ WITHOUT the hint (forward KL, method.md §2 Eq.9).
 
 In:  problems (prompt_idx, question) and the policy model manifest ("model_dir", "fingerprint"): π_θ0 in
      round 1, the last π_θ in later rounds (Algorithm 1).
 Out: table `prior_samples`, one row per (prompt_idx, sample_idx, round): the `posterior_samples` columns
      (seed, prompt, response, think, think_len, format_ok, finish_reason) plus `text` (= response, a full
-     π_θ completion ending in `<|end_of_solution|>` when finished) and `rollout_idx` = 0, so the verify stage
+     π_θ completion ending in `<|end_of_solution|>` when finished) and `rollout_idx` = 0, so the prior_verdicts stage
      reads these rows like rollouts and its accuracies become the weights w_m of Eq.9.
 
 Sampling: `posterior_sampling` (the same long-trace settings as q_φ's, a whole think + answer must fit),
@@ -17,11 +17,11 @@ from collections.abc import Callable
 
 import polars as pl
 
-from tasks import sample_posterior as posterior
 from variational import templates
 from variational.config import SamplingConfig
-from variational.runner import Engine, Inputs, Stage
-from variational.sampling import Completion, request_seed
+from variational.engines.samples import ENGINE_FIELDS, open_sampler, sample_rows, summarize, think_counter
+from variational.engines.sampling import Completion, request_seed
+from variational.pipeline.stage import Engine, Inputs, Stage
 
 PRIOR_STREAM = 1  # the last seed key: keeps prior seeds apart from the posterior seeds of the same question
 
@@ -47,7 +47,7 @@ def parse_prior(
     tokenizer_count: Callable[[str], int],
 ) -> pl.DataFrame:
     """The `prior_samples` rows of one batch of requests: sample rows + text (the response) + rollout_idx 0."""
-    rows = posterior.sample_rows(requests, completions, round_, seeds, tokenizer_count)
+    rows = sample_rows(requests, completions, round_, seeds, tokenizer_count)
     return rows.with_columns(text=pl.col("response"), rollout_idx=pl.lit(0, pl.Int64))
 
 
@@ -63,19 +63,24 @@ def _shard(i: Inputs, engine: Engine, shard: pl.DataFrame) -> pl.DataFrame:
         seeds=seeds,
         include_stop=True,
     )
-    return parse_prior(shard, completions, i.round, seeds, posterior.think_counter(sampler))
+    return parse_prior(shard, completions, i.round, seeds, think_counter(sampler))
 
 
 PRIOR_SAMPLES = Stage(
     name="prior_samples",
     inputs=("problems", "policy"),
-    fields=("M", "posterior_sampling", *posterior.ENGINE_FIELDS),
+    fields=("M", "posterior_sampling", *ENGINE_FIELDS),
     uses=("engine",),
-    code=("tasks.sample_posterior", "variational.sampling", "variational.templates", "variational.scoring"),
+    code=(
+        "variational.engines.samples",
+        "variational.engines.sampling",
+        "variational.templates",
+        "variational.engines.scoring",
+    ),
     plan=lambda i: prior_requests(i.table("problems")),
     shard=_shard,
     shard_size="posterior_sampling.shard_size",
-    engine=posterior.open_sampler("policy"),
-    summary=lambda i, samples: posterior.summarize(samples),
+    engine=open_sampler("policy"),
+    summary=lambda i, samples: summarize(samples),
     needs_gpu=True,
 )

@@ -16,15 +16,17 @@ set, so n_tokens can be smaller than think_len.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
-import torch
 
-from variational import scoring, templates
+from variational import templates
 from variational.config import ScoreConfig
-from variational.runner import Engine, Inputs, Stage
+from variational.pipeline.stage import Engine, Inputs, Stage
+
+if TYPE_CHECKING:  # torch and transformers load with the engine, not with the declaration
+    import torch
 
 PI, Q = "pi_theta0", "q_phi"  # `logps.model` values, read by tasks/weights.py
 KEYS = ["prompt_idx", "sample_idx", "round"]
@@ -68,6 +70,8 @@ def score_requests(
     if missing:
         raise ValueError(f"posterior_samples refer to prompt_idx {missing[:5]} absent from problems")
 
+    from variational.engines.scoring import encode_think
+
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -84,7 +88,7 @@ def score_requests(
             "round": joined["round"].cast(pl.Int64),
             "pi_ids": [pi_ids[p] for p in joined["prompt_idx"]],
             "q_ids": [q_ids[p] for p in joined["prompt_idx"]],
-            "think_ids": [scoring.encode_think(tokenizer, t or "") for t in joined["think"]],
+            "think_ids": [encode_think(tokenizer, t or "") for t in joined["think"]],
             "answer_ids": [answer_ids[p] for p in joined["prompt_idx"]],
         },
         schema_overrides={c: pl.List(pl.Int32) for c in REQUEST_COLUMNS[3:]},
@@ -104,8 +108,15 @@ def forward_tokens(requests: pl.DataFrame, max_length: int) -> int:
     return int(requests.select((pi + q).sum()).item() or 0)
 
 
+def summarize_logps(logps: np.ndarray) -> tuple[float, float | None, int]:
+    """(sum, mean, count) of per-token log-probs; the mean of no tokens is None."""
+    n = int(logps.shape[0])
+    total = float(np.sum(logps, dtype=np.float64))
+    return total, (total / n if n else None), n
+
+
 def _row(key: tuple, model: str, span: str, logps: np.ndarray, truncated: bool) -> dict:
-    total, mean, n = scoring.summarize(logps)
+    total, mean, n = summarize_logps(logps)
     return dict(zip(KEYS, key, strict=True)) | {
         "model": model,
         "span": span,
@@ -121,6 +132,8 @@ def score_rows(
     requests: pl.DataFrame, models: dict[str, torch.nn.Module], cfg: ScoreConfig, progress: bool = True
 ) -> pl.DataFrame:
     """The `logps` rows of `requests` (from `score_requests`), scored by models {"pi_theta0": ..., "q_phi": ...}."""
+    from variational.engines import scoring
+
     keys = list(requests.select(KEYS).iter_rows())
     pi_ctx, q_ctx = requests["pi_ids"].to_list(), requests["q_ids"].to_list()
     think, answer = requests["think_ids"].to_list(), requests["answer_ids"].to_list()
@@ -158,6 +171,8 @@ class Scorers:
     """The two scoring models and their (shared) tokenizer, loaded once per stage run."""
 
     def __init__(self, i: Inputs):
+        from variational.engines import scoring
+
         loaded = {
             name: scoring.load_scorer(i.model_dir(name), compile=i.conf.score.compile) for name in (PI, Q)
         }
@@ -199,7 +214,7 @@ LOGPS = Stage(
     name="logps",
     inputs=("problems", "posterior_samples", PI, Q),
     fields=("score", "posterior_template"),
-    code=("variational.scoring", "variational.templates"),
+    code=("variational.engines.scoring", "variational.templates"),
     plan=_plan,
     shard=_shard,
     shard_size="score.shard_size",

@@ -1,4 +1,4 @@
-"""Stage `select`: the final SFT set `train` from the weighted posterior traces (method.md §1 "17K mix").
+"""Stage `train`: the final SFT set from the weighted posterior traces (method.md §1 "17K mix").
 
 In:  problems (prompt_idx, question, think_ref, solution_ref), weights (one round: prompt_idx, sample_idx,
      eligible, rho_tilde, selected, accuracy, [question_weight]), posterior_samples (think), and for the Acc
@@ -26,9 +26,8 @@ from collections.abc import Callable
 
 import polars as pl
 
-from tasks.weights import ESTIMATORS
-from variational import templates
-from variational.runner import Inputs, Stage
+from variational import registry, templates
+from variational.pipeline.stage import Inputs, Stage
 
 ORIGINAL, FALLBACK = -2, -1
 TRAIN_COLUMNS = ["row", "prompt_idx", "prompt", "response", "weight", "origin", "think_chars"]
@@ -120,7 +119,7 @@ def _chosen(
         if bad.height:
             raise ValueError(
                 f"traces {bad.select(keys).head(3).rows()} have accuracy > 0 but no correct rollout text: "
-                "verdicts and rollouts disagree; rerun `answer_rollouts` and `verify`"
+                "verdicts and rollouts disagree; rerun `rollouts` and `verdicts`"
             )
     else:
         df = df.with_columns(answer_text=pl.lit(None, pl.String))
@@ -165,8 +164,8 @@ def select(
     """The `train` table (module docstring) from one round of `weights`."""
     if mode not in MODES:
         raise ValueError(f"unknown select mode {mode!r}; valid modes: {sorted(MODES)}")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; valid estimators: {sorted(ESTIMATORS)}")
+    if estimator not in registry.ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; valid estimators: {sorted(registry.ESTIMATORS)}")
     if "estimator" in weights.columns and weights.height:
         used = weights["estimator"].unique().to_list()
         if used != [estimator]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from variational.config import WeightsConfig
-from variational.runner import Inputs, Stage
+from variational.pipeline.stage import Inputs, Stage
 
 CANDIDATE_COLUMNS = (
     "prompt_idx",

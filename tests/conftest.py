@@ -7,6 +7,7 @@ config with a fixed seed, so tests run real forward/backward passes in seconds.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ os.environ.setdefault("VARIATIONAL_HOME", str(REPO / ".cache" / "variational"))
 
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> Path:
-    from variational.models import prepare_embedded
+    from variational.engines.models import prepare_embedded
 
     return prepare_embedded("smollm2-135m")
 
@@ -59,8 +60,33 @@ def shared_data() -> Path:
 
 def finished_stage(data_root: Path, run: str, name: str, df, fp: str | None = None, **extra) -> dict:
     """A finished upstream stage on disk (shard + manifest), as the runner would leave it; returns its ref."""
-    from variational.store import StageStore
+    from variational.pipeline.store import StageStore
 
     st = StageStore(data_root, run, name, fp or f"fp-{name}")
     st.write_shard(0, df)
     return st.finish(round_=1, **extra)
+
+
+# ---------------------------------------------------------------- Prefect's variables, free ports
+PREFECT_VARS = (
+    "PREFECT_API_URL",
+    "PREFECT_LOCAL_STORAGE_PATH",
+    "PREFECT_RESULTS_PERSIST_BY_DEFAULT",
+    "PREFECT_SERVER_ANALYTICS_ENABLED",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+)
+
+
+@pytest.fixture
+def clean_prefect_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """The Prefect variables unset for the test and restored after it (the CLI sets them in os.environ)."""
+    for name in PREFECT_VARS:
+        monkeypatch.setenv(name, "placeholder")  # records the original value for the teardown
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -20,7 +20,8 @@ from typing import Any
 import polars as pl
 
 from variational.config import parse_config
-from variational.runner import Engine, Inputs, Stage, run
+from variational.pipeline.runner import run
+from variational.pipeline.stage import Engine, Inputs, Stage
 
 VICTIM_ITEM = 3  # shard 1 of group 1 ([0, 1, 2] | [3, 4, 5]): shard 0 is written before it
 HOLD_S = 600.0  # how long the victim shard waits to be killed
@@ -80,12 +81,13 @@ def main(root: Path, stages: Any) -> int:
     from prefect import flow
 
     from variational import shutdown
-    from variational.executor import task_runner
-    from variational.store import begin_run
+    from variational.pipeline import orchestration
+    from variational.pipeline.orchestration import task_runner
+    from variational.pipeline.store import begin_run
 
     cfg = config(root)
     shutdown.install()
-    shutdown.start_shielded_prefect_server()  # the Ray workers report to it (else each starts its own)
+    orchestration.start_shielded_server()  # the Ray workers report to it (else each starts its own)
 
     @flow(name="raytoy", task_runner=task_runner(parse_config(cfg).executor))
     def raytoy() -> dict:

@@ -3,20 +3,14 @@ YAML, a missing run, a dead Prefect server: 2; failing or refused SQL: 1), Prefe
 
 from __future__ import annotations
 
-import http.server
-import os
-import socket
-import subprocess
-import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import free_port
 
-from variational.cli import CliError, _prefect_env, build_parser, check_prefect_api, main
-from variational.store import StageStore, record_stage
+from variational.cli import build_parser, main
+from variational.pipeline.store import StageStore, record_stage
 
 
 def test_parser_has_the_subcommands() -> None:
@@ -47,133 +41,11 @@ def test_sql_on_a_missing_run_exits_2(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "nope" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------- Prefect: fresh machines, dead servers
-PREFECT_VARS = (
-    "PREFECT_API_URL",
-    "PREFECT_LOCAL_STORAGE_PATH",
-    "PREFECT_RESULTS_PERSIST_BY_DEFAULT",
-    "PREFECT_SERVER_ANALYTICS_ENABLED",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
-)
-
-
-@pytest.fixture
-def prefect_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """The Prefect variables unset for the test and restored after it (the CLI sets them in os.environ)."""
-    for name in PREFECT_VARS:
-        monkeypatch.setenv(name, "placeholder")  # records the original value for the teardown
-        monkeypatch.delenv(name)
-    return monkeypatch
-
-
-def test_prefect_env_waits_long_for_the_temporary_server(
-    prefect_env: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    _prefect_env(str(tmp_path))
-    assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "180"
-    assert os.environ["PREFECT_LOCAL_STORAGE_PATH"] == str(tmp_path.resolve() / ".prefect" / "results")
-    prefect_env.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
-    _prefect_env(str(tmp_path))
-    assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "600"  # the user's value wins
-
-
-def fresh_home_env(tmp_path: Path) -> dict[str, str]:
-    """A new user's environment: an empty HOME (it exists, as a home does), no Prefect settings."""
-    (tmp_path / "home").mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= {"HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "home" / ".prefect")}
-    return env
-
-
-def test_prefect_reads_the_startup_timeout_from_our_env(tmp_path: Path) -> None:
-    """Guards the variable's name: a brand-new Prefect process (fresh HOME) sees our 180 s, not its 20 s."""
-    code = (
-        "import sys; from variational.cli import _prefect_env; _prefect_env(sys.argv[1]); "
-        "from prefect.settings import get_current_settings as s; "
-        "print(s().server.ephemeral.startup_timeout_seconds)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "data")],
-        env=fresh_home_env(tmp_path),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert out.stdout.split()[-1] == "180"
-
-
-@pytest.mark.slow
-def test_a_flow_starts_from_a_brand_new_prefect_home(tmp_path: Path) -> None:
-    """The temporary server migrates a new database before the flow runs; with Prefect's 20 s default this
-    timed out on loaded 2-core machines (issue 11 item 1)."""
-    code = (
-        "import sys; from variational.cli import _prefect_env; _prefect_env(sys.argv[1])\n"
-        "from prefect import flow\n"
-        "@flow\n"
-        "def answer() -> int:\n"
-        "    return 42\n"
-        "print('flow returned', answer())\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "data")],
-        env=fresh_home_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "flow returned 42" in out.stdout
-    assert (tmp_path / "home" / ".prefect").is_dir()  # the new home was used, not the developer's
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class HealthHandler(http.server.BaseHTTPRequestHandler):
-    status = 200
-
-    def do_GET(self) -> None:  # the name http.server calls
-        code = 200 if self.path == "/api/health" else 404
-        code = self.status if code == 200 else code
-        self.send_response(code)
-        self.end_headers()
-        self.wfile.write(b"true")
-
-    def log_message(self, *args: object) -> None:  # keep pytest's output clean
-        pass
-
-
-@pytest.fixture
-def health_server() -> Iterator[str]:
-    server = http.server.HTTPServer(("127.0.0.1", 0), HealthHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/api"
-    server.shutdown()
-    server.server_close()
-
-
-def test_a_live_prefect_api_passes_the_check(health_server: str) -> None:
-    check_prefect_api(health_server)
-    check_prefect_api(None)  # no URL: the temporary server, nothing to check
-
-
-def test_an_unhealthy_or_dead_prefect_api_is_one_clear_error(health_server: str) -> None:
-    with pytest.raises(CliError, match=r"HTTP 404"):
-        check_prefect_api(health_server + "/wrong")
-    dead = f"http://127.0.0.1:{free_port()}/api"
-    with pytest.raises(CliError, match=rf"PREFECT_API_URL={dead} .*unset PREFECT_API_URL"):
-        check_prefect_api(dead)
-
-
 def test_run_with_a_dead_prefect_api_exits_2_before_running(
-    prefect_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    clean_prefect_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}/api"
-    prefect_env.setenv("PREFECT_API_URL", dead)
+    clean_prefect_env.setenv("PREFECT_API_URL", dead)
     assert main(["run", "tiny", "--data-root", str(tmp_path / "data")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and dead in err and "prefect server start" in err

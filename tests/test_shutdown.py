@@ -234,7 +234,7 @@ def test_sigterm_to_the_group_stops_a_pool_map_and_ends_its_workers() -> None:
     map instead of replacing them, and no worker or forkserver is left."""
     proc = start(
         """
-        from variational.procpool import DeadlinePool
+        from variational.verifiers.procpool import DeadlinePool
         shutdown.install()
         def run():
             with DeadlinePool(time.sleep, 2) as pool:
@@ -253,7 +253,7 @@ def test_sigterm_to_the_group_stops_a_pool_map_and_ends_its_workers() -> None:
 def test_sigterm_to_the_parent_alone_ends_a_pool_map_and_its_workers() -> None:
     proc = start(
         """
-        from variational.procpool import DeadlinePool
+        from variational.verifiers.procpool import DeadlinePool
         shutdown.install()
         def run():
             with DeadlinePool(time.sleep, 2) as pool:
@@ -277,7 +277,7 @@ def test_sigterm_during_vllm_sampling_ends_the_engine(embedded_model_dir: Path) 
     proc = start(
         f"""
         from variational.config import EngineConfig, SamplingConfig
-        from variational.sampling import Sampler
+        from variational.engines.sampling import Sampler
         shutdown.install()
         engine = EngineConfig(backend="vllm", dtype="float32", max_model_len=1024, max_num_seqs=32,
                               kv_cache_gib=0.5)

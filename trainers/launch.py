@@ -30,8 +30,6 @@ from pathlib import Path
 
 import polars as pl
 
-from trainers import sft
-from trainers.distributed import resolve_processes
 from variational import shutdown
 from variational.config import TrainConfig
 
@@ -125,6 +123,8 @@ def launch(
     log: logging.Logger | logging.LoggerAdapter = logger,
 ) -> dict:
     """Train under torchrun with `nproc` processes per node; resumes from out_dir's checkpoints."""
+    from trainers import sft  # here, not at the top: importing the stage modules must not load torch
+
     out_dir = Path(out_dir)
     if (out_dir / sft.METRICS).exists():
         return json.loads((out_dir / sft.METRICS).read_text())
@@ -149,6 +149,9 @@ def run_training(
     log: logging.Logger | logging.LoggerAdapter = logger,
 ) -> dict:
     """trainers.sft.train in this process when cfg asks for one process on one node, else under torchrun."""
+    from trainers import sft  # here, not at the top: importing the stage modules must not load torch
+    from trainers.distributed import resolve_processes
+
     nproc = resolve_processes(cfg.num_processes)
     if nproc == 1 and cfg.nodes == 1:
         return sft.train(model_dir, examples, cfg, out_dir, log=log)

@@ -6,26 +6,11 @@ In:  an HF model folder, a polars frame of examples with columns `prompt` (str),
 Out: an HF folder at `out_dir` (safetensors + tokenizer + chat template, loadable by transformers and vLLM),
      `out_dir/train_metrics.json` (the completion marker) and the same metrics as the return value.
 
-Loss. Prompt and response are tokenised separately and concatenated, so the boundary is exact; the loss
-covers response tokens only. Token t of example i costs w_it · CE_it with w_it = weight_i, times
-cfg.think_weight / cfg.answer_weight on think / answer tokens when set. Per optimizer step S (cfg.batch_size
-examples, the last step of an epoch may hold fewer):
-- `dr_sft`: Σ_{i∈S} Σ_t w_it CE_it / (L̄ · |S|), L̄ = the average response length in tokens of the whole
-  (truncated) training set: Dr. SFT's constant `constant_loss_normalizer` (method.md §6). The sum of the
-  step is divided by L̄ times the number of examples in the step, so the loss is a per-token scale that does
-  not depend on the batch size and equals `token_mean` when every response has length L̄.
-- `token_mean`: Σ w_it CE_it / (number of response tokens in the step): the usual per-batch token mean.
-Both are exact over the whole step, whatever the micro-batching and the number of processes.
-
-Packing. A step's examples are packed into micro-batches of at most cfg.micro_batch_tokens tokens, one row
-of concatenated examples with position_ids restarting at 0 per example and no attention mask. transformers
-5.x (masking_utils.find_packed_sequence_indices) detects the restarts and builds a block-diagonal causal
-mask (dense for sdpa/eager, a BlockMask for flex_attention), provided use_cache=False (with a cache the
-detection is skipped). tests/test_sft.py checks losses and gradients are equal packed and alone (on an
-H200 too, 2026-11-26: flex_attention and sdpa, fp32 loss rel. diff 4e-8). attn_implementation "auto" is
-flex_attention on CUDA (packed rows rounded up to a quarter of the budget, see `_pad_multiple`), sdpa on
-CPU. Weights and optimizer state are fp32; the forward runs under bf16 autocast where the device has bf16
-(trainers/distributed.py `choose_precision`, logged at start); on CUDA with gradient checkpointing.
+Loss. Token t of example i costs w_it · CE_it over response tokens only; each optimizer step's sum is
+divided by the step's normaliser (`dr_sft` or `token_mean`), exactly over the whole step, whatever the
+micro-batching and the number of processes. trainers/batches.py turns the examples into tokens, per-token
+weights, steps and packed micro-batches, and defines the normalisers; trainers/model.py loads the model
+(attention kernel, precision) and computes a micro-batch's loss and the lr of a step.
 
 Checkpoints (trainers/checkpoint.py). Every cfg.save_steps optimizer steps (0: each epoch end) and after
 cfg.save_minutes of training since the last one, so a killed run keeps its work. A stop request
@@ -53,225 +38,34 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from trainers import checkpoint, distributed
+from trainers import checkpoint, distributed, model
+from trainers.batches import (
+    Example,
+    TrainingSet,
+    collate,
+    normaliser,
+    pad_example,
+    shard_step,
+    training_set,
+)
 from trainers.checkpoint import CHECKPOINTS, checkpoints
+from trainers.model import lr_at, micro_batch_loss
 from variational import shutdown
 from variational.config import TrainConfig
 
-__all__ = ["CHECKPOINTS", "METRICS", "checkpoints", "train"]
+# Example, collate, micro_batch_loss: bench/gpu_check.py imports them from here
+__all__ = ["CHECKPOINTS", "METRICS", "Example", "checkpoints", "collate", "micro_batch_loss", "train"]
 METRICS = "train_metrics.json"
-IGNORE = -100
 logger = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- examples -> token ids
-@dataclass
-class Example:
-    """One tokenised example: ids = prompt ids + response ids (truncated), per-response-token weights."""
-
-    ids: list[int]
-    n_prompt: int
-    weights: list[float]  # one per response token in `ids`
-    truncated: bool
-
-    @property
-    def n_response(self) -> int:
-        return len(self.ids) - self.n_prompt
-
-
-def tokenize_examples(tokenizer, examples: pl.DataFrame, cfg: TrainConfig) -> list[Example]:
-    """Frame -> Examples, truncated from the right to cfg.max_length. Rows keep their order."""
-    missing = {"prompt", "response", "weight"} - set(examples.columns)
-    if missing:
-        raise ValueError(f"training examples lack columns {sorted(missing)} (have {examples.columns})")
-    split = cfg.think_weight is not None or cfg.answer_weight is not None
-    if split and "think_chars" not in examples.columns:
-        raise ValueError("think_weight/answer_weight are set but the examples have no `think_chars` column")
-    prompts = tokenizer(examples["prompt"].to_list(), add_special_tokens=False)["input_ids"]
-    resp = tokenizer(examples["response"].to_list(), add_special_tokens=False, return_offsets_mapping=split)
-    think_chars = examples["think_chars"].to_list() if split else [0] * examples.height
-    think_w = 1.0 if cfg.think_weight is None else cfg.think_weight
-    answer_w = 1.0 if cfg.answer_weight is None else cfg.answer_weight
-    out = []
-    for i, (p, r, w) in enumerate(zip(prompts, resp["input_ids"], examples["weight"].to_list(), strict=True)):
-        if split:  # a token belongs to the think span when it starts inside it
-            scale = [think_w if s < (think_chars[i] or 0) else answer_w for s, _ in resp["offset_mapping"][i]]
-        else:
-            scale = [1.0] * len(r)
-        ids = (p + r)[: cfg.max_length]
-        n_resp = max(0, len(ids) - len(p))
-        out.append(
-            Example(
-                ids, min(len(p), len(ids)), [float(w) * s for s in scale[:n_resp]], len(p) + len(r) > len(ids)
-            )
-        )
-    return out
-
-
-# ---------------------------------------------------------------- step plan, packing, collation
-def plan_steps(n: int, cfg: TrainConfig) -> list[list[int]]:
-    """Example indices of every optimizer step: a seeded shuffle per epoch, cut into cfg.batch_size chunks
-    (the last chunk of an epoch may be smaller); fractional epochs keep the first ceil(epochs·steps) steps."""
-    per_epoch = math.ceil(n / cfg.batch_size)
-    total = math.ceil(cfg.epochs * per_epoch)
-    steps: list[list[int]] = []
-    for epoch in range(math.ceil(cfg.epochs)):
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(n).tolist()
-        steps += [order[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
-    return steps[:total]
-
-
-def pack(lengths: list[int], budget: int) -> list[list[int]]:
-    """Positions of `lengths` grouped into consecutive bins of at most `budget` tokens (a longer one alone)."""
-    bins: list[list[int]] = []
-    used = budget + 1
-    for i, n in enumerate(lengths):
-        if used + n > budget:
-            bins.append([])
-            used = 0
-        bins[-1].append(i)
-        used += n
-    return bins
-
-
-def collate(
-    examples: list[Example], packed: bool = True, pad_id: int = 0, pad_to: int = 1
-) -> dict[str, torch.Tensor]:
-    """Packed: one row, position_ids restart per example, no attention mask. Padded: one row per example,
-    right-padded, with an attention mask. labels = next-token targets (IGNORE outside responses).
-    `pad_to`: round the width up to a multiple (the packed tail is a pad segment of its own, positions 0..)."""
-    rows = [examples] if packed else [[e] for e in examples]
-    width = max(sum(len(e.ids) for e in row) for row in rows)
-    width = -(-width // pad_to) * pad_to
-    shape = (len(rows), width)
-    ids = torch.full(shape, pad_id, dtype=torch.long)
-    pos = torch.zeros(shape, dtype=torch.long)
-    labels = torch.full(shape, IGNORE, dtype=torch.long)
-    weights = torch.zeros(shape, dtype=torch.float32)
-    mask = torch.zeros(shape, dtype=torch.long)
-    for r, row in enumerate(rows):
-        at = 0
-        for e in row:
-            n = len(e.ids)
-            ids[r, at : at + n] = torch.tensor(e.ids)
-            pos[r, at : at + n] = torch.arange(n)
-            mask[r, at : at + n] = 1
-            # logits at position t predict token t+1: response token j (at n_prompt+j) is scored at n_prompt+j-1
-            if e.n_response:
-                lo = at + e.n_prompt - 1
-                labels[r, lo : lo + e.n_response] = torch.tensor(e.ids[e.n_prompt :])
-                weights[r, lo : lo + e.n_response] = torch.tensor(e.weights)
-            at += n
-        if packed:  # the pad tail restarts its positions, so it is a segment no example attends to
-            pos[r, at:] = torch.arange(width - at)
-    # only positions that predict a response token go through the lm-head (prompts are often most tokens)
-    keep = (labels != IGNORE).any(0).nonzero().flatten()
-    batch = {"input_ids": ids, "position_ids": pos, "labels": labels, "loss_weights": weights, "keep": keep}
-    if not packed:
-        batch["attention_mask"] = mask
-    return batch
-
-
-def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(Σ w·CE over the batch's response tokens, number of response tokens). Not normalised.
-
-    The lm-head runs only at positions that predict a response token (`logits_to_keep`): prompt positions
-    never build a vocab-sized row (measured on CPU, tiny config: the ~300-token system prompt is most of
-    every example)."""
-    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
-    labels = batch["labels"]
-    keep = (labels != IGNORE).any(0).nonzero().squeeze(1)
-    # use_cache=False: with a cache transformers skips the packed-sequence detection (cross-contamination)
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-    labels, weights = labels[:, keep], batch["loss_weights"][:, keep]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays (tests)
-    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
-    return (ce * weights.flatten()).sum(), int((labels != IGNORE).sum())
-
-
-def normaliser(kind: str, step: list[Example], avg_response_len: float) -> float:
-    """Denominator of one optimizer step's loss (see the module docstring)."""
-    if kind == "dr_sft":
-        return avg_response_len * len(step)
-    if kind == "token_mean":
-        return float(max(1, sum(e.n_response for e in step)))
-    raise ValueError(f"unknown loss_normalizer {kind!r}; use 'dr_sft' or 'token_mean'")
-
-
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warmup over ceil(warmup_ratio·total) steps, then cosine to 0 (or constant). `step` counts from 0."""
-    warmup = math.ceil(cfg.warmup_ratio * total)
-    if step < warmup:
-        return cfg.learning_rate * (step + 1) / warmup
-    if cfg.lr_scheduler == "constant":
-        return cfg.learning_rate
-    progress = (step - warmup) / max(1, total - warmup)
-    return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def shard_step(step: list[Example], budget: int, world: int, rank: int, packed: bool) -> list[list[Example]]:
-    """This process's micro-batches of one step; every rank gets the same count (empty ones pad)."""
-    if packed:
-        bins = pack([len(e.ids) for e in step], budget)
-    else:  # padded rows: as many examples as fit `budget` at the longest one's width
-        bins, cur, width = [], [], 0
-        for i, e in enumerate(step):
-            w = max(width, len(e.ids))
-            if cur and w * (len(cur) + 1) > budget:
-                bins.append(cur)
-                cur, w = [], len(e.ids)
-            cur.append(i)
-            width = w
-        bins.append(cur)
-    micro = [[step[i] for i in b] for b in bins]
-    micro += [[] for _ in range(-len(micro) % world)]
-    return micro[rank::world]
-
-
-# ---------------------------------------------------------------- the loop
-def _attn(cfg: TrainConfig) -> str:
-    if cfg.attn_implementation != "auto":
-        return cfg.attn_implementation
-    return "flex_attention" if torch.cuda.is_available() else "sdpa"
-
-
-def _pad_multiple(attn: str, packed: bool, budget: int) -> int:
-    """transformers compiles flex_attention with dynamic=False: every new row width recompiles, and past
-    dynamo's recompile limit (8) it falls back to slow eager flex. Rounding packed rows up to a quarter of
-    the budget (multiple of 128, flex's block size) keeps it to 4 widths; full bins lose almost nothing."""
-    if attn != "flex_attention" or not packed:
-        return 1
-    return -(-budget // 4 // 128) * 128
-
-
-def _load_model(model_dir: str | Path, cfg: TrainConfig, runtime: distributed.Runtime, attn: str):
-    """fp32 weights on the runtime's device, sharded when there are several processes, and its AdamW."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
-    model.to(runtime.device)
-    if runtime.device.type == "cuda":  # long traces: trade compute for activation memory
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model = distributed.shard(model, runtime)  # before the optimizer: it must hold the sharded parameters
-    decay = [p for p in model.parameters() if p.ndim >= 2]  # no decay on norms and biases, as HF Trainer
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps,
-    )
-    return model, optimizer
 
 
 def train(
@@ -291,15 +85,74 @@ def train(
     `packed=False` pads one example per row instead (for comparison); `stop_after=N` stops after step N
     without saving the final model, as a crash would (for tests). Raises shutdown.StopRequested after
     checkpointing when a stop is requested. Under torchrun every process calls this."""
-    from transformers import AutoTokenizer
-
     out_dir = Path(out_dir)
     if (out_dir / METRICS).exists():
         return json.loads((out_dir / METRICS).read_text())
     t_start = time.time()
+    run = _setup(model_dir, examples, cfg, out_dir, packed, log)
+    if (stopped := _run_steps(run, progress, stop_after)) is not None:
+        return stopped
+    return _finish(run, t_start)
+
+
+# ---------------------------------------------------------------- setup: processes, data, model, optimizer
+@dataclass
+class _Run:
+    """What one `train` call's step loop, checkpoints and stop handling share."""
+
+    cfg: TrainConfig
+    runtime: distributed.Runtime
+    tokenizer: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    save_dtype: torch.dtype  # the final folder's weights are cast to it (the loaded config's dtype)
+    data: TrainingSet
+    out_dir: Path
+    packed: bool
+    pad_to: int
+    log: logging.Logger | logging.LoggerAdapter
+    start: int = 0  # the first step to run: > 0 when resumed
+    step_log: list[dict] = field(default_factory=list)
+    saved_at: int = 0  # the step of the newest checkpoint (or `start`)
+    last_save: float = 0.0  # time.monotonic() of that checkpoint (or of the setup)
+
+    @property
+    def save_every(self) -> int:
+        return self.cfg.save_steps or math.ceil(len(self.data.kept) / self.cfg.batch_size)
+
+
+def _setup(
+    model_dir: str | Path,
+    examples: pl.DataFrame,
+    cfg: TrainConfig,
+    out_dir: Path,
+    packed: bool,
+    log: logging.Logger | logging.LoggerAdapter,
+) -> _Run:
+    """Processes and precision, the tokenised set and its steps, the model and its optimizer, resumed from
+    the newest checkpoint in `out_dir` when there is one."""
+    from transformers import AutoTokenizer
+
+    runtime = _start(cfg, log)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = training_set(tokenizer, examples, cfg)
+    attn = model.attn_implementation(cfg)
+    pad_to = model.pad_multiple(attn, packed, cfg.micro_batch_tokens)
+    net, optimizer = model.load(model_dir, cfg, runtime, attn)
+    save_dtype = getattr(net.config, "dtype", None) or torch.float32
+    run = _Run(cfg, runtime, tokenizer, net, optimizer, save_dtype, data, out_dir, packed, pad_to, log)
+    if done := checkpoints(out_dir):
+        run.start, run.step_log = checkpoint.load(net, optimizer, done[-1])
+        if runtime.is_main:
+            log.info("sft: resumed from %s (step %d of %d)", done[-1], run.start, len(data.steps))
+    run.saved_at, run.last_save = run.start, time.monotonic()
+    return run
+
+
+def _start(cfg: TrainConfig, log: logging.Logger | logging.LoggerAdapter) -> distributed.Runtime:
+    """This process's runtime (rank, device, precision), its precision choice logged by process 0."""
     runtime = distributed.start(cfg.mixed_precision)
-    main = runtime.is_main
-    if main:
+    if runtime.is_main:
         log.info(
             "sft: %d process(es) on %s, precision %s (%s)",
             runtime.world,
@@ -309,108 +162,123 @@ def train(
         )
         if runtime.precision == "bf16" and distributed.SLOW_BF16_WARNING in runtime.reason:
             log.warning("sft: %s", distributed.SLOW_BF16_WARNING)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data = tokenize_examples(tokenizer, examples, cfg)
-    kept = [e for e in data if e.n_response > 0]
-    if not kept:
-        raise ValueError(f"no example has a response token within max_length={cfg.max_length}")
-    avg_len = sum(e.n_response for e in kept) / len(kept)
-    steps = plan_steps(len(kept), cfg)
-    attn = _attn(cfg)
-    pad_to = _pad_multiple(attn, packed, cfg.micro_batch_tokens)
-    model, optimizer = _load_model(model_dir, cfg, runtime, attn)
-    save_dtype = getattr(model.config, "dtype", None) or torch.float32
+    return runtime
 
-    start, step_log = 0, []
-    if done := checkpoints(out_dir):
-        start, step_log = checkpoint.load(model, optimizer, done[-1])
-        if main:
-            log.info("sft: resumed from %s (step %d of %d)", done[-1], start, len(steps))
-    save_every = cfg.save_steps or math.ceil(len(kept) / cfg.batch_size)
-    saved_at, last_save = start, time.monotonic()
-    pad_example = Example([tokenizer.pad_token_id or 0] * 2, 1, [0.0], False)
 
-    def save(completed: int) -> None:
-        nonlocal saved_at, last_save
-        checkpoint.save(runtime, model, optimizer, tokenizer, out_dir, completed, step_log)
-        saved_at, last_save = completed, time.monotonic()
-
-    def accumulate(micro: list[list[Example]], denom: float) -> tuple[float, int, int] | None:
-        """Forward/backward of this process's micro-batches of one step: (Σ w·CE, tokens, positions), or
-        None when a stop was requested at a micro-batch boundary (then nothing of the step is applied)."""
-        loss_sum, n_tok, n_pos = torch.zeros((), device=runtime.device), 0, 0
-        for j, mb in enumerate(micro):
-            if runtime.any(shutdown.stop_requested()):  # every process must leave at the same boundary
-                return None
-            # an empty micro-batch (padding for other ranks) runs one pad token with zero weight
-            batch = collate(mb or [pad_example], packed, tokenizer.pad_token_id or 0, pad_to)
-            batch = {k: v.to(runtime.device) for k, v in batch.items()}
-            distributed.gradient_sync(model, runtime, last_micro_batch=j == len(micro) - 1)
-            with runtime.autocast():
-                wsum, _ = micro_batch_loss(model, batch)
-            (wsum * (runtime.world / denom)).backward()
-            loss_sum += wsum.detach()
-            n_tok += sum(len(e.ids) for e in mb)
-            n_pos += batch["input_ids"].numel() if mb else 0
-        return loss_sum.item(), n_tok, n_pos
-
-    def stop_at(completed: int) -> None:
-        """Abandon the partial step and keep the last complete one."""
-        optimizer.zero_grad(set_to_none=True)
-        if completed > saved_at:
-            save(completed)
-        if main:
-            log.warning("sft: stopped; resumes from step %d of %d in %s", saved_at, len(steps), out_dir)
-
-    model.train()
-    bar = tqdm(range(start, len(steps)), desc="sft", unit="step", disable=not (progress and main))
+# ---------------------------------------------------------------- the step loop
+def _run_steps(run: _Run, progress: bool, stop_after: int | None) -> dict | None:
+    """Every step from run.start, with its log line and the checkpoints that fall due. Returns the partial
+    result when `stop_after` ends the run early, else None."""
+    total, main = len(run.data.steps), run.runtime.is_main
+    run.model.train()
+    bar = tqdm(range(run.start, total), desc="sft", unit="step", disable=not (progress and main))
     for s in bar:
-        t0 = time.perf_counter()
-        step = [kept[i] for i in steps[s]]
-        denom = normaliser(cfg.loss_normalizer, step, avg_len)
-        micro = shard_step(step, cfg.micro_batch_tokens, runtime.world, runtime.rank, packed)
-        lr = lr_at(s, len(steps), cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        try:
-            sums = accumulate(micro, denom)
-        except shutdown.StopRequested:
-            # raised inside a forward/backward (a second signal, or no safe point within the grace): the
-            # weights and optimizer are still those after step s, but another process may be stuck in a
-            # collective, so only a lone process saves them
-            if runtime.world == 1:
-                stop_at(s)
-            raise
-        if sums is None:  # every process saw the stop at the same micro-batch boundary
-            stop_at(s)
-            shutdown.check()
-            raise shutdown.StopRequested("SIGTERM")  # another process was signalled, not this one
-        loss_sum, n_tok, n_pos = sums
-        grad_norm = distributed.clip_grad_norm(model, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        timed = cfg.save_minutes > 0 and time.monotonic() - last_save >= 60 * cfg.save_minutes
-        # one collective for the step's totals and the time-based save (process 0's clock need not agree)
-        loss_total, n_tok, n_pos, timed = runtime.sum([loss_sum, n_tok, n_pos, float(timed)])
-        entry = _step_entry(s, loss_total / denom, lr, grad_norm, n_tok, n_pos, time.perf_counter() - t0)
-        step_log.append(entry)
+        entry, timed = _step(run, s)
+        run.step_log.append(entry)
+        lr = entry["lr"]
         bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
         if main and not (progress and sys.stderr.isatty()):
-            log.info(
+            run.log.info(
                 "sft: step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s",
-                s + 1, len(steps), entry["loss"], lr, entry["grad_norm"], entry["tokens_per_s"],
+                s + 1, total, entry["loss"], lr, entry["grad_norm"], entry["tokens_per_s"],
             )  # fmt: skip
-        if s + 1 < len(steps) and ((s + 1) % save_every == 0 or timed > 0):
-            save(s + 1)
+        if s + 1 < total and ((s + 1) % run.save_every == 0 or timed > 0):
+            _save(run, s + 1)
         if stop_after is not None and s + 1 >= stop_after:
-            return {"steps": s + 1, "stopped": True, "log": step_log}
+            return {"steps": s + 1, "stopped": True, "log": run.step_log}
+    return None
 
-    metrics = _metrics(step_log, data, kept, avg_len, len(steps), time.time() - t_start, packed)
-    checkpoint.save_final(runtime, model, tokenizer, out_dir, save_dtype)
-    if main:
-        (out_dir / METRICS).write_text(json.dumps(metrics, indent=1))  # the completion marker, written last
-        log.info("sft: %d steps, final loss %.4f -> %s", len(steps), metrics["final_loss"], out_dir)
-    runtime.barrier()
+
+def _step(run: _Run, s: int) -> tuple[dict, float]:
+    """Optimizer step s: (its log entry, > 0 when any process finds a timed checkpoint due)."""
+    t0 = time.perf_counter()
+    step = run.data.step(s)
+    denom = normaliser(run.cfg.loss_normalizer, step, run.data.avg_len)
+    micro = shard_step(step, run.cfg.micro_batch_tokens, run.runtime.world, run.runtime.rank, run.packed)
+    lr = lr_at(s, len(run.data.steps), run.cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum, n_tok, n_pos = _accumulate_or_stop(run, s, micro, denom)
+    grad_norm = distributed.clip_grad_norm(run.model, run.cfg.max_grad_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    timed = run.cfg.save_minutes > 0 and time.monotonic() - run.last_save >= 60 * run.cfg.save_minutes
+    # one collective for the step's totals and the time-based save (process 0's clock need not agree)
+    loss_total, n_tok, n_pos, timed = run.runtime.sum([loss_sum, n_tok, n_pos, float(timed)])
+    entry = _step_entry(s, loss_total / denom, lr, grad_norm, n_tok, n_pos, time.perf_counter() - t0)
+    return entry, timed
+
+
+def _accumulate(run: _Run, micro: list[list[Example]], denom: float) -> tuple[float, int, int] | None:
+    """Forward/backward of this process's micro-batches of one step: (Σ w·CE, tokens, positions), or
+    None when a stop was requested at a micro-batch boundary (then nothing of the step is applied)."""
+    runtime, pad_id = run.runtime, run.tokenizer.pad_token_id or 0
+    loss_sum, n_tok, n_pos = torch.zeros((), device=runtime.device), 0, 0
+    for j, mb in enumerate(micro):
+        if runtime.any(shutdown.stop_requested()):  # every process must leave at the same boundary
+            return None
+        # an empty micro-batch (padding for other ranks) runs one pad token with zero weight
+        batch = collate(mb or [pad_example(pad_id)], run.packed, pad_id, run.pad_to)
+        batch = {k: v.to(runtime.device) for k, v in batch.items()}
+        distributed.gradient_sync(run.model, runtime, last_micro_batch=j == len(micro) - 1)
+        with runtime.autocast():
+            wsum, _ = micro_batch_loss(run.model, batch)
+        (wsum * (runtime.world / denom)).backward()
+        loss_sum += wsum.detach()
+        n_tok += sum(len(e.ids) for e in mb)
+        n_pos += batch["input_ids"].numel() if mb else 0
+    return loss_sum.item(), n_tok, n_pos
+
+
+# ---------------------------------------------------------------- checkpoints and stop requests
+def _save(run: _Run, completed: int) -> None:
+    checkpoint.save(
+        run.runtime, run.model, run.optimizer, run.tokenizer, run.out_dir, completed, run.step_log
+    )
+    run.saved_at, run.last_save = completed, time.monotonic()
+
+
+def _accumulate_or_stop(
+    run: _Run, s: int, micro: list[list[Example]], denom: float
+) -> tuple[float, int, int]:
+    """`_accumulate`; on a stop request, checkpoint the last complete step (s) and raise StopRequested."""
+    try:
+        sums = _accumulate(run, micro, denom)
+    except shutdown.StopRequested:
+        # raised inside a forward/backward (a second signal, or no safe point within the grace): the
+        # weights and optimizer are still those after step s, but another process may be stuck in a
+        # collective, so only a lone process saves them
+        if run.runtime.world == 1:
+            _stop_at(run, s)
+        raise
+    if sums is None:  # every process saw the stop at the same micro-batch boundary
+        _stop_at(run, s)
+        shutdown.check()
+        raise shutdown.StopRequested("SIGTERM")  # another process was signalled, not this one
+    return sums
+
+
+def _stop_at(run: _Run, completed: int) -> None:
+    """Abandon the partial step and keep the last complete one."""
+    run.optimizer.zero_grad(set_to_none=True)
+    if completed > run.saved_at:
+        _save(run, completed)
+    if run.runtime.is_main:
+        steps = len(run.data.steps)
+        run.log.warning("sft: stopped; resumes from step %d of %d in %s", run.saved_at, steps, run.out_dir)
+
+
+# ---------------------------------------------------------------- the finished model and its metrics
+def _finish(run: _Run, t_start: float) -> dict:
+    """The metrics, the final HF folder, then the completion marker (written last, by process 0)."""
+    metrics = _metrics(run.step_log, run.data, time.time() - t_start, run.packed)
+    checkpoint.save_final(run.runtime, run.model, run.tokenizer, run.out_dir, run.save_dtype)
+    if run.runtime.is_main:
+        # the completion marker, written last
+        (run.out_dir / METRICS).write_text(json.dumps(metrics, indent=1))
+        final = metrics["final_loss"]
+        run.log.info("sft: %d steps, final loss %.4f -> %s", metrics["steps"], final, run.out_dir)
+    run.runtime.barrier()
     return metrics
 
 
@@ -428,25 +296,17 @@ def _step_entry(
     }
 
 
-def _metrics(
-    log: list[dict],
-    data: list[Example],
-    kept: list[Example],
-    avg_len: float,
-    steps: int,
-    wall: float,
-    packed: bool,
-) -> dict:
+def _metrics(log: list[dict], data: TrainingSet, wall: float, packed: bool) -> dict:
     tokens = sum(e["tokens"] for e in log)
     step_time = sum(e["tokens"] / e["tokens_per_s"] for e in log if e["tokens_per_s"])
     return {
-        "steps": steps,
-        "examples": len(data),
-        "dropped_no_response": len(data) - len(kept),
-        "truncated": sum(e.truncated for e in data),
-        "avg_response_tokens": avg_len,
+        "steps": len(data.steps),
+        "examples": len(data.examples),
+        "dropped_no_response": len(data.examples) - len(data.kept),
+        "truncated": sum(e.truncated for e in data.examples),
+        "avg_response_tokens": data.avg_len,
         "tokens": tokens,
-        "response_tokens": sum(e.n_response for e in kept),
+        "response_tokens": sum(e.n_response for e in data.kept),
         "tokens_per_s": tokens / step_time if step_time else None,
         "padding_fraction": float(np.mean([e["padding_fraction"] for e in log])) if log else 0.0,
         "packed": packed,

@@ -13,18 +13,11 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-# Prefect's temporary server migrates its SQLite database on first use; its default 20 s wait failed in 3 of
-# 3 fresh homes on a loaded 2-core machine, while 120 s started 4 of 4 (issue 11 item 1).
-EPHEMERAL_STARTUP_TIMEOUT_S = 180
-API_HEALTH_TIMEOUT_S = 5.0
 
 
 class CliError(Exception):
@@ -35,113 +28,65 @@ class CliError(Exception):
         self.exit_code = exit_code
 
 
-def _prefect_env(data_root: str) -> None:
-    """Results of cached tasks live in the data root, beside the tables they point to. Every value is a
-    default: a variable the user set wins."""
-    os.environ.setdefault(
-        "PREFECT_LOCAL_STORAGE_PATH", str(Path(data_root).resolve() / ".prefect" / "results")
-    )
-    os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here; avoids log noise
-    os.environ.setdefault(
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S)
-    )
-
-
-def prefect_api_url() -> str | None:
-    """The Prefect server the flow will talk to: $PREFECT_API_URL, else the active Prefect profile's;
-    None means a temporary server started for this run."""
-    if os.environ.get("PREFECT_API_URL"):
-        return os.environ["PREFECT_API_URL"]
-    from prefect.settings import get_current_settings
-
-    return get_current_settings().api.url
-
-
-def check_prefect_api(url: str | None, timeout_s: float = API_HEALTH_TIMEOUT_S) -> None:
-    """Fail fast, in one line, when a configured Prefect server does not answer its health check (otherwise
-    the flow dies later in a 38-frame traceback)."""
-    if not url:
-        return
-    health = url.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(health, timeout=timeout_s) as response:
-            if response.status == 200:
-                return
-            problem = f"HTTP {response.status}"
-    except urllib.error.HTTPError as err:
-        problem = f"HTTP {err.code}"
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        problem = str(getattr(err, "reason", err))
-    raise CliError(
-        f"no Prefect server answers at PREFECT_API_URL={url} ({health}: {problem}); start it with "
-        "`prefect server start`, or unset PREFECT_API_URL to run on a temporary server"
-    )
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from variational.config import load_config
+    from variational.pipeline import orchestration
 
     overrides = list(args.set or [])
     if args.data_root:
         overrides.append(f"data_root={args.data_root}")
-    cfg = load_config(args.config, overrides)  # fail fast, before Prefect starts
-    _prefect_env(cfg.data_root)
+    conf = load_config(args.config, overrides)  # the one load: fail fast, before Prefect starts
+    orchestration.prefect_env(conf.data_root)
     from variational import shutdown
 
     shutdown.install()  # SIGTERM / SIGINT: stop at a safe point, end every engine, exit 143 / 130
     # no server configured: our own temporary one, out of reach of the signals sent to our process group
-    try:
-        url = prefect_api_url() or shutdown.start_shielded_prefect_server()
-    except RuntimeError as err:  # the temporary server did not come up: one line, not a traceback
-        raise CliError(str(err)) from None
-    check_prefect_api(url)
+    orchestration.ensure_api()
     from flows.recipe import variational
-    from variational.executor import task_runner
 
-    flow = variational.with_options(task_runner=task_runner(cfg.executor))  # local threads, or Ray
     try:
-        result = flow(config=str(args.config), overrides=overrides)
+        result = orchestration.run_flow(variational, conf.executor, config=conf.model_dump(mode="json"))
     except BaseException as err:
         if shutdown.requested_signal() is None:
             raise
         # whatever surfaced (StopRequested, Prefect's TerminationSignal, an engine that died of the
         # signal too), the run was stopped: its finished stages and shards are on disk for the rerun
         print(
-            f"run {cfg.name!r} stopped by {shutdown.requested_signal()}; rerun the same command to resume",
+            f"run {conf.name!r} stopped by {shutdown.requested_signal()}; rerun the same command to resume",
             file=sys.stderr,
         )
         return shutdown.exit_code(err)
-    print(f"run {cfg.name!r} finished; tables under {Path(cfg.data_root) / cfg.name}")
+    print(f"run {conf.name!r} finished; tables under {Path(conf.data_root) / conf.name}")
     if result.get("report"):
         print(f"report: {result['report']}")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _prefect_env(args.data_root or "data")
-    check_prefect_api(prefect_api_url())
-    from flows.recipe import variational
-    from variational import shutdown
-    from variational.config import load_config
-    from variational.executor import task_runner
+    from variational.pipeline import orchestration
 
-    deployments = [
-        variational.with_options(
-            task_runner=task_runner(load_config(REPO / "configs" / f"{name}.yaml").executor)
-        ).to_deployment(
-            name=name,
-            parameters={"config": str(REPO / "configs" / f"{name}.yaml"), "overrides": []},
-            description=f"The variational recipe with configs/{name}.yaml",
-            tags=["variational", name],
+    orchestration.prefect_env(args.data_root or "data")
+    orchestration.check_api(orchestration.api_url())
+    from flows.recipe import variational
+    from variational.config import load_config
+
+    deployments = []
+    for name in args.names:
+        config = REPO / "configs" / f"{name}.yaml"
+        deployments.append(
+            orchestration.deployment(
+                variational,
+                load_config(config).executor,
+                name=name,
+                parameters={"config": str(config), "overrides": []},
+                description=f"The variational recipe with configs/{name}.yaml",
+            )
         )
-        for name in args.names
-    ]
-    return shutdown.serve(deployments, limit=args.limit)  # SIGTERM: cancel the runs in progress, exit 143
+    return orchestration.serve(deployments, limit=args.limit)  # SIGTERM: cancel the runs, exit 143
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from variational.sqlview import run_sql
+    from variational.analysis.sql import run_sql
 
     if args.file:
         path = Path(args.file)
@@ -165,7 +110,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from variational.sqlview import format_runs, list_runs
+    from variational.analysis.sql import format_runs, list_runs
 
     runs = list_runs(args.data_root)
     print(format_runs(runs) if runs else f"no runs under {args.data_root}")
@@ -174,7 +119,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_verify_store(args: argparse.Namespace) -> int:
     """Hash-check every file of a run against its manifests; set aside what is damaged (exit 1)."""
-    from variational.store import verify_run
+    from variational.pipeline.store import verify_run
 
     results = verify_run(args.data_root, args.run, set_aside=not args.dry_run)
     for stage, round_, bad in results:
@@ -187,21 +132,21 @@ def cmd_verify_store(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from variational.report import write_report
+    from variational.analysis.report import write_report
 
     print(write_report(args.data_root, args.run))
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from variational.models import prepare_embedded
+    from variational.engines.models import prepare_embedded
 
     print(prepare_embedded(args.name, force=args.force))
     return 0
 
 
 def cmd_verifier_report(args: argparse.Namespace) -> int:
-    from tasks.verify import LABELLED_SETS, format_verifier_report, verifier_report
+    from variational.verifiers.labelled import LABELLED_SETS, format_verifier_report, verifier_report
 
     data_dir = Path(args.data_dir) if args.data_dir else REPO.parent / "shared" / "data"
     sets = [s.strip() for s in args.sets.split(",")] if args.sets else list(LABELLED_SETS)
@@ -255,29 +200,27 @@ class IntermixedParser(argparse.ArgumentParser):
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
+    from flows.recipe import dag
+    from variational.analysis.plan import format_plan, plan
     from variational.config import load_config
-    from variational.plan import format_plan, plan
 
     overrides = list(args.set or []) + ([f"data_root={args.data_root}"] if args.data_root else [])
-    estimate = plan(
-        load_config(args.config, overrides), gpus=args.gpus, cpus=args.cpus, use_data=not args.no_data
-    )
+    conf = load_config(args.config, overrides)  # the one load; the DAG is traced from this very config
+    calls = dag(conf.model_dump(mode="json"))  # the flow owns the stages, rounds and fingerprints
+    estimate = plan(conf, calls, gpus=args.gpus, cpus=args.cpus, use_data=not args.no_data)
     print(json.dumps(estimate.to_dict(), indent=2) if args.json else format_plan(estimate))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="variational", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = p.add_subparsers(dest="command", required=True, parser_class=IntermixedParser)
-
+def _add_run(sub: Any) -> None:
     r = sub.add_parser("run", help="run the whole flow for a config (no server needed)")
     r.add_argument("config", help="a YAML path or the name of one in configs/ (tiny, subset-1k, full-17k)")
     r.add_argument("--data-root", help="where tables and models go (default: the config's data_root)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. K=4")
     r.set_defaults(func=cmd_run)
 
+
+def _add_plan(sub: Any) -> None:
     pl = sub.add_parser("plan", help="estimate a run's work, GPU-hours and wall time before launching it")
     pl.add_argument("config", help="a YAML path or the name of one in configs/")
     pl.add_argument("--gpus", type=int, default=8, help="GPUs of the cluster (H200-class; default 8)")
@@ -288,12 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=cmd_plan)
 
+
+def _add_serve(sub: Any) -> None:
     s = sub.add_parser("serve", help="serve the deployments to a Prefect server (prefect server start)")
     s.add_argument("names", nargs="*", default=["tiny", "subset-1k", "full-17k"])
     s.add_argument("--data-root", default=None)
     s.add_argument("--limit", type=int, default=1, help="concurrent flow runs")
     s.set_defaults(func=cmd_serve)
 
+
+def _add_store_commands(sub: Any) -> None:
+    """sql, runs, verify-store, report: read a finished data root."""
     q = sub.add_parser("sql", help="DuckDB SQL over a run's tables (one view per stage)")
     q.add_argument("run")
     q.add_argument("query", nargs="?")
@@ -317,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--data-root", default="data")
     rep.set_defaults(func=cmd_report)
 
+
+def _add_models(sub: Any) -> None:
     m = sub.add_parser("models", help="manage models")
     msub = m.add_subparsers(dest="models_command", required=True)
     prep = msub.add_parser("prepare", help="convert the embedded GGUF model to a cached safetensors folder")
@@ -324,13 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--force", action="store_true")
     prep.set_defaults(func=cmd_models)
 
+
+def _add_verifier_report(sub: Any) -> None:
     v = sub.add_parser("verifier-report", help="plain math-verify and check_answers against labelled pairs")
     v.add_argument("--data-dir", help="folder with verify_pairs_*.jsonl (default: ../shared/data)")
-    v.add_argument("--sets", help="comma-separated names (default: all); see tasks.verify.LABELLED_SETS")
+    v.add_argument("--sets", help="comma-separated names (default: all); see LABELLED_SETS")
     v.add_argument("--timeout-s", type=float, default=5.0, help="per-row deadline, as verify.timeout_s")
     v.add_argument("--ablate", action="store_true", help="also run ours with each rule switched off in turn")
     v.set_defaults(func=cmd_verifier_report)
 
+
+def _add_data(sub: Any) -> None:
     d = sub.add_parser("data", help="check a dataset before a run")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser(
@@ -347,6 +301,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help='print {"rows", "accepted", "rejected": [{"index", "reason"}]}'
     )
     dc.set_defaults(func=cmd_data_check)
+
+
+COMMANDS = (
+    _add_run,
+    _add_plan,
+    _add_serve,
+    _add_store_commands,
+    _add_models,
+    _add_verifier_report,
+    _add_data,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="variational", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True, parser_class=IntermixedParser)
+    for add in COMMANDS:
+        add(sub)
     return p
 
 
@@ -357,9 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import duckdb
 
+    from variational.analysis.sql import SqlError
     from variational.config import ConfigError
-    from variational.sqlview import SqlError
-    from variational.store import DamagedStage, StageLocked
+    from variational.pipeline.orchestration import ServerUnreachable
+    from variational.pipeline.store import DamagedStage, StageLocked
 
     try:
         return args.func(args)
@@ -369,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(err, 3)
     except CliError as err:
         return _fail(err, err.exit_code)
+    except ServerUnreachable as err:
+        return _fail(err, 2)
     except (SqlError, duckdb.Error) as err:
         return _fail(err, 1)
 

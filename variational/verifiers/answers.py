@@ -1,0 +1,159 @@
+"""The verifier contract (design.md): `check_answers` for math, `check_code` for programs.
+
+In:  df[text, gold] (math) or df[text, tests] (code: the APPS/TACO `input_output` JSON string).
+Out: the input rows plus extracted, correct, status, verifier, elapsed_ms.
+     status: ok / wrong / no_answer / timeout / error / gold_unparsable; code rows also runtime_error /
+     compile_error / no_code / sandbox_violation.
+Math rows go to `MathPool` workers (variational/verifiers/math_rules.py); code rows to the official checker's
+rules (variational/verifiers/apps_check.py) inside the sandbox (variational/verifiers/sandbox.py).
+`tasks.verify` re-exports both functions: that is the public entry point.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import polars as pl
+from tqdm.auto import tqdm
+
+from variational.verifiers import apps_check
+from variational.verifiers.math_rules import OURS, MathPool, MathRules
+from variational.verifiers.procpool import Outcome, cpu_count
+
+log = logging.getLogger("variational")
+# the modules whose code decides a verdict: in the fingerprint of every stage that grades
+GRADING_CODE = (
+    "variational.templates",
+    "variational.verifiers.answers",
+    "variational.verifiers.math_rules",
+    "variational.verifiers.apps_check",
+    "variational.verifiers.harness",
+    "variational.verifiers.sandbox",
+)
+
+STATUSES = ("ok", "wrong", "no_answer", "timeout", "error", "gold_unparsable")
+# code rows add these (variational/verifiers/apps_check.py); verdict_summary counts both sets
+CODE_STATUSES = ("runtime_error", "compile_error", "no_code", "sandbox_violation")
+KEYS = ("prompt_idx", "sample_idx", "rollout_idx", "round")  # those present are carried through
+VERDICT_SCHEMA = {
+    "extracted": pl.String,
+    "correct": pl.Boolean,
+    "status": pl.String,
+    "verifier": pl.String,
+    "elapsed_ms": pl.Float64,
+}
+MATH_VERIFIER, CODE_VERIFIER = "math_verify", "code_tests"
+
+
+def _as_list(g: Any) -> list[str]:
+    if g is None:
+        return []
+    return [g] if isinstance(g, str) else [x for x in g if x is not None]
+
+
+def require(df: pl.DataFrame, cols: Iterable[str], who: str) -> None:
+    if missing := [c for c in cols if c not in df.columns]:
+        raise ValueError(f"{who}: input lacks columns {missing}; it has {df.columns}")
+
+
+def _with_verdicts(df: pl.DataFrame, rows: list[tuple], verifier: str) -> pl.DataFrame:
+    cols = list(zip(*rows, strict=True)) if rows else [[], [], [], [], []]
+    return df.with_columns(
+        pl.Series("extracted", cols[0], pl.String),
+        pl.Series("correct", cols[1], pl.Boolean),
+        pl.Series("status", cols[2], pl.String),
+        pl.Series("verifier", [verifier] * df.height, pl.String),
+        pl.Series("elapsed_ms", cols[3], pl.Float64),
+    )
+
+
+def check_answers(
+    df: pl.DataFrame,
+    timeout_s: float = 5.0,
+    workers: int = 0,
+    *,
+    pool: MathPool | None = None,
+    rules: MathRules = OURS,
+) -> pl.DataFrame:
+    """df[text, gold (list of accepted answers, or one string)] -> df + extracted, correct, status,
+    verifier, elapsed_ms. Every row returns within timeout_s + HARD_GRACE_S (+ a process kill).
+    `rules` is for measuring the verifier (verifier_report); the stage uses the default."""
+    require(df, ("text", "gold"), "check_answers")
+    texts, golds = df["text"].to_list(), df["gold"].to_list()
+    items = [(t, _as_list(g), rules) for t, g in zip(texts, golds, strict=True)]
+    own = pool is None
+    pool = pool or MathPool(min(workers or cpu_count(), max(1, len(items))))
+    try:
+        outcomes = pool.run(items, timeout_s, desc="verify math")
+    finally:
+        if own:
+            pool.close()
+    _log_errors(items, outcomes)
+    return _with_verdicts(df, [_math_verdict(o) for o in outcomes], MATH_VERIFIER)
+
+
+def _math_verdict(o: Outcome) -> tuple:
+    if o.status == "ok":
+        return (*o.value, o.elapsed_ms)
+    return None, False, o.status, o.elapsed_ms  # timeout / error
+
+
+def _log_errors(items: list[tuple], outcomes: list[Outcome]) -> None:
+    errors = [(i, o.error) for i, o in enumerate(outcomes) if o.status == "error"]
+    for i, err in errors[:5]:
+        log.warning("check_answers: row %d (text %r) failed: %s", i, (items[i][0] or "")[:80], err)
+    if len(errors) > 5:
+        log.warning("check_answers: %d more rows failed", len(errors) - 5)
+
+
+def check_code_row(
+    text: str | None,
+    tests: Any,
+    timeout_s: float,
+    memory_mb: int,
+    official_quirks: bool = False,
+    max_processes: int = 64,
+) -> tuple:
+    """(extracted code, correct, status, elapsed_ms) of one row (variational/verifiers/apps_check.py judges it)."""
+    t0 = time.perf_counter()
+    try:
+        v = apps_check.judge(text, tests, timeout_s, memory_mb, max_processes, official_quirks)
+    except Exception as e:  # the sandbox itself failed (cannot start, bad harness reply): say so, go on
+        log.warning("check_code: judging %r... failed: %s", (text or "")[-80:], e)
+        v = apps_check.Verdict("error", False, apps_check.last_code_block(text, official_quirks))
+    if v.status == "error":
+        log.warning("check_code: %s", v.detail)
+    return v.code, v.correct, v.status, (time.perf_counter() - t0) * 1e3
+
+
+def check_code(
+    df: pl.DataFrame,
+    timeout_s: float = 10.0,
+    memory_mb: int = 1024,
+    workers: int = 0,
+    official_quirks: bool = False,
+    max_processes: int = 64,
+) -> pl.DataFrame:
+    """df[text, tests] -> df + extracted (the program), correct, status, verifier, elapsed_ms.
+
+    `tests`: the APPS/TACO `input_output` JSON string as stored (stdin form, or call form with fn_name), or
+    the older list of {input, output}. `timeout_s` is per test. Status: ok / wrong / timeout /
+    runtime_error / compile_error / no_code / sandbox_violation; gold_unparsable when a row has no usable
+    tests (skipped, like a math row without gold); error when the sandbox failed. A crash, timeout or
+    compile failure is wrong unless `official_quirks` (the official np.all verdict, method.md §9).
+    Rows run in parallel threads, each in its own sandbox (variational/verifiers/sandbox.py)."""
+    require(df, ("text", "tests"), "check_code")
+    rows = list(zip(df["text"].to_list(), df["tests"].to_list(), strict=True))
+    n_threads = max(1, min(workers or cpu_count(), len(rows)))
+
+    def one(row: tuple) -> tuple:
+        return check_code_row(row[0], row[1], timeout_s, memory_mb, official_quirks, max_processes)
+
+    with ThreadPoolExecutor(n_threads) as ex:
+        it = ex.map(one, rows)
+        results = list(tqdm(it, total=len(rows), desc="verify code", unit="row", disable=len(rows) < 200))
+    return _with_verdicts(df, results, CODE_VERIFIER)

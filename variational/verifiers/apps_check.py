@@ -1,0 +1,311 @@
+"""Judge one model output on APPS/TACO tests the way the official checker does (method.md §9), minus its bug.
+
+In:  a model output (the program is its last fenced code block) and the tests: the APPS/TACO `input_output`
+     JSON string as stored ({"inputs", "outputs"} for stdin programs, plus "fn_name" for call-based ones), or
+     the older in-repo list of {input, output}.
+Out: `Verdict(status, correct, code, detail)`; status is ok / wrong / timeout / runtime_error /
+     compile_error / no_code / sandbox_violation, or gold_unparsable (no usable tests: the row is skipped
+     like a math row without gold) / error (the sandbox itself failed).
+
+The program runs in variational/verifiers/sandbox.py through the harness variational/verifiers/harness.py, which only
+runs it; the outputs are compared HERE, outside the sandbox, so a program never sees the expected outputs.
+Official behaviour kept: the import prelude, stdin programs judged by the six comparison rules in turn,
+`class Solution` methods called on one instance, tuple -> list, `out == expected[0]`, floats compared exactly
+in call tests, SystemExit is a normal end. Deliberate differences (official_quirks=False, the default):
+- a crash, a timeout or a compile failure is wrong (officially -1/-2, and `np.all` counts them as passing);
+- stdin programs run as `__main__` with real stdin/stdout (officially: wrapped in `def code()` inside a
+  module named tmp_sol, so an `if __name__ == "__main__":` program prints nothing, and stdin is a StringIO);
+  only a program with a top-level `return` (valid solely when wrapped; APPS references have them) is wrapped;
+- the program is the last ```python / ```py / ```python3 / unlabelled block (officially: the last block
+  whose fence is letters only, so ```python3 is skipped and a ```cpp block is taken);
+- a return value that is not plain data (numbers, strings, lists, tuples, sets, dicts, None) never matches;
+  officially `==` decides, so an object whose __eq__ always says True passes;
+- each stdin test runs in a fresh process (officially one process for all tests: state carried over).
+official_quirks=True restores the verdict rule, the wrapping and the fence rule, for re-deriving the
+paper's data. Not reproduced even then: the StringIO stdin, the 11 s cap per problem, `reliability_guard`.
+Problems that need a special judge (any valid output accepted; TACO marks 218 of its test split, SOURCES.md
+§6, and APPS train 2287 is one) are judged by exact comparison, as officially: correct programs can fail.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from variational.verifiers import sandbox
+
+_HARNESS = Path(__file__).with_name("harness.py")
+# a fence line: ``` + language + anything up to the end of the line; the body runs to the next ```
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_OFFICIAL_FENCE = re.compile(r"```[A-Za-z]*\n(.*?)```", re.DOTALL)
+PY_LANGS = {"python", "python3", "py", ""}
+STATUSES = ("ok", "wrong", "timeout", "runtime_error", "compile_error", "no_code", "sandbox_violation")
+STARTUP_S = 30.0  # namespaces + interpreter + numpy on a loaded 2-core machine (measured ~0.3-1 s idle)
+GRACE_S = 2.0
+# stdout read back per test: more than any APPS/TACO answer, little enough for the harness to hold in JSON
+MAX_REPORTED_OUTPUT = 16 * 2**20
+
+
+def last_code_block(text: str | None, official: bool = False) -> str | None:
+    """The body of the last Python fenced block; None when there is none. `official`: the official rule."""
+    if not text:
+        return None
+    if official:
+        blocks = _OFFICIAL_FENCE.findall(text)
+    else:
+        blocks = [body for lang, body in _FENCE.findall(text) if lang.lower() in PY_LANGS]
+    return blocks[-1] if blocks else None
+
+
+# ================================================================ tests
+@dataclass(frozen=True)
+class Tests:
+    inputs: list  # stdin: one text per test; call: one argument list per test
+    outputs: list
+    fn_name: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "stdin" if self.fn_name is None else "call"
+
+
+def parse_tests(value: Any) -> Tests | None:
+    """The `tests` cell -> Tests, or None when it holds no test. Raises ValueError on a malformed cell."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"tests is not valid JSON ({e.msg}); expected the APPS input_output string"
+            ) from None
+    if isinstance(value, list):  # the older in-repo form: [{input, output}, ...]
+        if not all(isinstance(t, dict) and "input" in t for t in value):
+            raise ValueError("tests list must hold {input, output} objects")
+        value = {"inputs": [t["input"] for t in value], "outputs": [t.get("output") for t in value]}
+    if not isinstance(value, dict) or "inputs" not in value or "outputs" not in value:
+        raise ValueError("tests must be an APPS input_output object with inputs and outputs")
+    inputs, outputs, fn_name = value["inputs"] or [], value["outputs"] or [], value.get("fn_name")
+    if len(inputs) != len(outputs):
+        raise ValueError(f"tests have {len(inputs)} inputs but {len(outputs)} outputs")
+    if not inputs:
+        return None
+    if fn_name is None:
+        inputs = [_stdin_text(i) for i in inputs]
+    elif not isinstance(fn_name, str) or not fn_name.isidentifier():
+        raise ValueError(f"fn_name {fn_name!r} is not a Python identifier")
+    return Tests(inputs=inputs, outputs=outputs, fn_name=fn_name)
+
+
+def _stdin_text(value: Any) -> str:
+    if isinstance(value, list):  # official: a list of input lines is joined with newlines
+        return "\n".join(map(str, value))
+    return "" if value is None else str(value)
+
+
+# ================================================================ the official comparison rules
+def _close(a: float, b: float) -> bool:
+    """np.allclose(a, b) for one pair: |a - b| <= 1e-8 + 1e-5 |b| (b is the expected value)."""
+    if math.isinf(a) or math.isinf(b):
+        return a == b
+    return abs(a - b) <= 1e-8 + 1e-5 * abs(b)
+
+
+def _word_sets(lines: list[str]) -> set[frozenset]:
+    return {frozenset(words) for line in lines if (words := line.split())}
+
+
+def _rounded_sets(lines: list[str]) -> set[frozenset]:
+    return {frozenset(round(float(w), 3) for w in words) for line in lines if (words := line.split())}
+
+
+def stdin_output_matches(printed: str, expected: Any) -> bool:
+    """The official stdin comparison: the first of these rules that holds passes the test.
+    1 stripped text; 2 stripped lines; 3 the same without blank lines; 4 every line a number, each within
+    relative tolerance 1e-5; 5 per-line sets of words (word and line order ignored); 6 those words as
+    numbers rounded to 3 decimals."""
+    if isinstance(expected, list):
+        expected = "\n".join(map(str, expected))
+    expected = "" if expected is None else str(expected)
+    lines = printed.splitlines()  # what the official capture of sys.stdout yields
+    if "\n".join(lines).strip() == expected.strip():
+        return True
+    if "\n".join(line.strip() for line in lines).strip() == expected.strip() or lines == [expected]:
+        return True
+    expected_lines = [line.strip() for line in expected.split("\n") if line]
+    nonblank = [line for line in lines if line]
+    if lines == expected_lines or nonblank == expected_lines:
+        return True
+    try:
+        got, want = [float(x) for x in nonblank], [float(x) for x in expected_lines]
+        if len(got) == len(want) and all(_close(a, b) for a, b in zip(got, want, strict=True)):
+            return True
+    except ValueError:
+        pass
+    if _word_sets(nonblank) == _word_sets(expected_lines):
+        return True
+    try:
+        return _rounded_sets(nonblank) == _rounded_sets(expected_lines)
+    except (ValueError, OverflowError):
+        return False
+
+
+def decode(value: Any) -> Any:
+    """A return value as the harness encoded it (harness.encode) -> the Python value."""
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    if isinstance(value, dict):
+        if "__tuple__" in value:
+            return tuple(decode(v) for v in value["__tuple__"])
+        if "__set__" in value:
+            return {decode(v) for v in value["__set__"]}
+        if "__frozenset__" in value:
+            return frozenset(decode(v) for v in value["__frozenset__"])
+        if "__dict__" in value:
+            return {decode(k): decode(v) for k, v in value["__dict__"]}
+        return _Opaque(value.get("__opaque__", "?"))
+    return value
+
+
+class _Opaque:
+    """A return value that was not plain data: equal to nothing."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return f"<{self.type_name}>"
+
+
+def _int_keys(expected: Any) -> Any:
+    """Official: JSON turned int dict keys into strings; an expected dict (or [dict]) gets int keys back."""
+    try:
+        if isinstance(expected, dict):
+            return [{int(k): v for k, v in expected.items()}]
+        if isinstance(expected, list) and expected and isinstance(expected[0], dict):
+            return [{int(k): v for k, v in expected[0].items()}]
+    except ValueError:
+        pass
+    return expected
+
+
+def call_output_matches(value: Any, expected: Any) -> bool:
+    """The official call-based comparison: tuple -> list; out == expected, or out == expected[0] (outputs
+    are usually wrapped in a one-element list), or a list of tuples equal to expected[0]."""
+    expected = _int_keys(expected)
+    if isinstance(value, tuple):
+        value = list(value)
+    if value == expected:
+        return True
+    if isinstance(expected, list) and expected and value == expected[0]:
+        return True
+    try:
+        return isinstance(value[0], tuple) and [list(x) for x in value] == expected[0]
+    except (TypeError, IndexError, KeyError):
+        return False
+
+
+# ================================================================ one program
+@dataclass(frozen=True)
+class Verdict:
+    status: str
+    correct: bool
+    code: str | None = None
+    detail: str = ""  # the failing test and why (for logs; not stored)
+
+
+def judge(
+    text: str | None,
+    tests: Any,
+    timeout_s: float = 4.0,
+    memory_mb: int = 1024,
+    max_processes: int = 64,
+    official_quirks: bool = False,
+    mode: str | None = None,
+) -> Verdict:
+    """One model output on its tests -> Verdict. `timeout_s` is per test (official: 4 s)."""
+    try:
+        parsed = parse_tests(tests)
+    except ValueError as e:
+        return Verdict("gold_unparsable", False, detail=str(e))
+    code = last_code_block(text, official=official_quirks)
+    if parsed is None:
+        return Verdict("gold_unparsable", False, code, "no tests")
+    if code is None:
+        return Verdict("no_code", False)
+    spec = {
+        "kind": parsed.kind,
+        "code": code,
+        "fn_name": parsed.fn_name,
+        "inputs": parsed.inputs,
+        "timeout_s": timeout_s,
+        "max_output_bytes": MAX_REPORTED_OUTPUT,
+        "official_wrapping": official_quirks,
+    }
+    limits = sandbox.Limits(memory_mb=memory_mb, max_processes=max_processes)
+    with sandbox.start_python(_HARNESS.read_text(), json.dumps(spec).encode(), limits, mode) as jail:
+        results, detail = _collect(jail, parsed, timeout_s, official_quirks)
+        if results is None:
+            return Verdict("error", False, code, f"sandbox failed: {jail.stderr()[-500:]}")
+    return _verdict(results, len(parsed.inputs), official_quirks, code, detail)
+
+
+def _collect(jail: sandbox.Jail, tests: Tests, timeout_s: float, quirks: bool) -> tuple[list | None, str]:
+    """Read the harness's events, comparing each test's output as it arrives; stop at the first test that
+    decides the verdict. -> (per-test states, detail); None when the harness died without a word."""
+    results: list[str] = []
+    detail, deadline = "", time.monotonic() + STARTUP_S + timeout_s
+    for line in jail.lines(deadline):
+        event = json.loads(line)
+        if event["event"] == "compile_error":
+            return ["compile_error"], event.get("error", "")
+        if event["event"] == "done":
+            return results, detail
+        i, state = event["i"], event["status"]
+        if state == "ran":
+            if tests.kind == "stdin":
+                passed = stdin_output_matches(event["stdout"], tests.outputs[i])
+            else:
+                passed = call_output_matches(decode(event["value"]), tests.outputs[i])
+            state = "ok" if passed else "wrong"
+        if event.get("killed"):
+            state = "killed"
+        results.append(state)
+        if state != "ok":
+            said = event.get("error") or f"printed {event.get('stdout', event.get('value'))!r:.200}"
+            detail = detail or f"test {i}: {state}: {said}"[:600]
+            # officially a crash or a timeout does not end the run: under quirks only `wrong` decides
+            if not quirks or state in ("wrong", "killed"):
+                return results, detail
+        deadline = time.monotonic() + timeout_s + GRACE_S
+    if len(results) == len(tests.inputs):
+        return results, detail
+    if time.monotonic() >= deadline:  # the harness itself stopped answering: the jail's own deadline
+        return [*results, "killed"], detail or "the sandbox deadline passed"
+    return (results or None), detail or "the harness ended early"
+
+
+def _verdict(results: list[str], n_tests: int, quirks: bool, code: str, detail: str) -> Verdict:
+    first_bad = next((s for s in results if s != "ok"), None)
+    status = "timeout" if first_bad == "killed" else first_bad or "ok"
+    if quirks:
+        # official: results are True / False / -1 (crash, timeout) / -2 (compile error) and the verdict is
+        # np.all(results), so only False fails; a problem killed past its deadline is wrong too
+        correct = "wrong" not in results and "killed" not in results
+        correct = correct and (len(results) == n_tests or results == ["compile_error"])
+    else:
+        correct = status == "ok" and len(results) == n_tests
+    return Verdict(status, correct, code, detail)
