@@ -5,7 +5,9 @@ sources: hf_api.py `create_repo`, `_validate_yaml`, `repo_info`; _commit_api.py 
 `_prepare_commit_payload`, `_send_commit`; _upload_pipeline.py):
     POST /api/repos/create                          {name, organization, type, visibility} -> {url}; 409 if it exists
     POST /api/validate-yaml                         {content, repoType} -> {errors, warnings}; 400 on bad YAML
-    GET  /api/{type}s/{namespace}/{name}            repo info (create_repo asks it after a 401/403)
+    GET  /api/{type}s/{namespace}/{name}[/revision/{revision}]  repo info (create_repo asks it after a 401 or
+                                                    403, upload_folder when no file changed); other GETs get 404
+                                                    (the client's daily fetch of /api/agent-harnesses allows it)
     POST /api/{type}s/{namespace}/{name}/preupload/{revision}   {files: [{path, sample, size}]}
                                                     -> {files: [{path, uploadMode, shouldIgnore, oid}]}
     POST /api/{type}s/{namespace}/{name}/commit/{revision}      ndjson: a header line, then one line per file
@@ -84,7 +86,8 @@ class Handler(BaseHTTPRequestHandler):
         if repo is None:
             self._send(404, {"error": "Repository not found"})
             return
-        self._send(200, {"id": match["repo"], "private": repo.private, "sha": f"{len(repo.commits):040x}"})
+        sha = repo.commits[-1]["oid"] if repo.commits else "0" * 40
+        self._send(200, {"id": match["repo"], "private": repo.private, "sha": sha})
 
     def do_POST(self) -> None:  # noqa: N802
         self.hub.requests.append(("POST", self.path))
@@ -135,7 +138,7 @@ class Handler(BaseHTTPRequestHandler):
             have = repo.files.get(f["path"])
             oid = hashlib.sha1(b"blob %d\0" % len(have) + have).hexdigest() if have is not None else None
             files.append({"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": oid})
-        self._send(200, {"files": files, "commitOid": f"{len(repo.commits):040x}"})
+        self._send(200, {"files": files})
 
     def _commit(self, repo: Repo, type_path: str, repo_id: str, body: bytes) -> None:
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
