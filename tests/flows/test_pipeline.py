@@ -143,7 +143,7 @@ def test_export_of_the_tiny_run_loads_back(run_a: Path, tmp_path: Path) -> None:
     export("--out", str(tmp_path / "model"), "--stage", "pi_theta")
     load = (
         "import datasets, json, sys; ds = datasets.load_dataset(sys.argv[1], split='train', cache_dir=sys.argv[2]);"
-        "print(json.dumps(ds['messages']))"
+        "print(json.dumps([row['messages'] for row in ds]))"
     )
     env = _env(run_a) | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     cmd = [sys.executable, "-c", load, str(tmp_path / "messages"), str(tmp_path / "cache")]
