@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from variational.verifiers import sandbox
-from variational.verifiers.records import MAX_OUTPUT_BYTES, Opaque, ProtocolError, decode_value, parse_record
+from variational.verifiers.records import Opaque, ProtocolError, decode_value, parse_record
 
 log = logging.getLogger("variational")
 # a fence line: ``` + language + anything up to the end of the line; the body runs to the next ```
@@ -57,7 +57,6 @@ PY_LANGS = {"python", "python3", "py", ""}
 STATUSES = ("ok", "wrong", "timeout", "runtime_error", "compile_error", "no_code", "sandbox_violation")
 STARTUP_S = 30.0  # namespaces + interpreter + numpy on a loaded 2-core machine (measured ~0.3-1 s idle)
 GRACE_S = 5.0  # past the harness's own per-test deadline (timeout_s + 2 s): the harness itself is stuck
-MAX_REPORTED_OUTPUT = MAX_OUTPUT_BYTES  # stdout read back per test (records.py)
 
 
 @functools.cache
