@@ -177,26 +177,43 @@ print(out["verifier"][0], out["status"][0])
 """
 
 
-def check_without_unshare(**kw) -> subprocess.CompletedProcess:
-    """check_code on one row in a fresh process whose PATH has no `unshare`: no namespace can be set up."""
-    env = {**os.environ, "PATH": "/nonexistent", "PYTHONPATH": str(REPO)}
+def check_with_path(path: Path, **kw) -> subprocess.CompletedProcess:
+    """check_code on one row in a fresh process whose PATH is only `path`."""
+    env = {**os.environ, "PATH": str(path), "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-c", CHECK, json.dumps(kw)]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
-def test_without_namespaces_code_verification_stops() -> None:
-    # the old sandbox fell back to no isolation with one warning line and judged the row
-    proc = check_without_unshare()
+@pytest.fixture
+def no_namespaces(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Path, str]:
+    """(a PATH, what the stop names): no `unshare` at all, or one the kernel refuses, as where user
+    namespaces are disabled (the message is util-linux's)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if request.param == "refused":
+        fake = bin_dir / "unshare"
+        fake.write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n")
+        fake.chmod(0o755)
+        return bin_dir, "unshare failed: Operation not permitted"
+    return bin_dir, "unshare (util-linux) is not on PATH"
+
+
+@pytest.mark.parametrize("no_namespaces", ["missing", "refused"], indirect=True)
+def test_without_namespaces_code_verification_stops(no_namespaces: tuple[Path, str]) -> None:
+    # the old sandbox fell back to no isolation with one warning line and judged the row anyway
+    path, why = no_namespaces
+    proc = check_with_path(path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     (line,) = proc.stdout.splitlines()  # one line: what is missing and how to run without it
-    assert line.startswith("SandboxUnavailable: code sandbox unavailable (")
-    assert "unshare (util-linux) is not on PATH" in line and "verify.sandbox: none" in line
+    assert line.startswith("SandboxUnavailable: code sandbox unavailable (root: ")
+    assert why in line and "verify.sandbox: none" in line
     for setting in ("root", "userns"):  # a jail asked for by name stops the same way
-        assert check_without_unshare(sandbox=setting).returncode == 2
+        assert check_with_path(path, sandbox=setting).returncode == 2
 
 
-def test_no_isolation_runs_only_when_set_and_says_so() -> None:
-    proc = check_without_unshare(sandbox="none")
+@pytest.mark.parametrize("no_namespaces", ["refused"], indirect=True)
+def test_no_isolation_runs_only_when_set_and_says_so(no_namespaces: tuple[Path, str]) -> None:
+    proc = check_with_path(no_namespaces[0], sandbox="none")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.split() == ["code_tests_unsandboxed", "ok"]
     assert "candidate programs run WITHOUT isolation" in proc.stderr
