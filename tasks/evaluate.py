@@ -108,6 +108,7 @@ def grade_samples(samples: pl.DataFrame, cfg: VerifyConfig) -> pl.DataFrame:
             timeout_s=cfg.code_timeout_s,
             memory_mb=cfg.code_memory_mb,
             workers=cfg.workers,
+            sandbox=cfg.sandbox,
         )
         parts.append(checked.select(verdict_cols))
     verdicts = pl.concat([p.cast({"extracted": pl.String}) for p in parts])
@@ -194,7 +195,14 @@ def _benchmarks(i: Inputs) -> dict:
 EVAL = Stage(
     name="eval",
     inputs=("base_model", "pi_theta0", "pi_theta"),
-    fields=("eval", "engine", "verify.timeout_s", "verify.code_timeout_s", "verify.code_memory_mb"),
+    fields=(
+        "eval",
+        "engine",
+        "verify.timeout_s",
+        "verify.code_timeout_s",
+        "verify.code_memory_mb",
+        "verify.code_sandboxed",
+    ),
     uses=("verify",),
     code=(
         *GRADING_CODE,

@@ -25,12 +25,13 @@ from matplotlib.ticker import MaxNLocator
 from variational.analysis.metrics import MODELS, summarize, summary_markdown
 from variational.analysis.sql import connect
 from variational.pipeline.orchestration import publish_markdown
+from variational.verifiers.answers import unsandboxed_warning
 
 # Columns each section needs; reading only these keeps logps / rollout texts out of memory.
 COLUMNS: dict[str, list[str]] = {
     "problems": ["prompt_idx", "source", "think_ref", "gold"],
     "posterior_samples": ["prompt_idx", "sample_idx", "think", "think_len", "format_ok"],
-    "verdicts": ["prompt_idx", "sample_idx", "rollout_idx", "correct", "status"],
+    "verdicts": ["prompt_idx", "sample_idx", "rollout_idx", "correct", "status", "verifier"],
     "weights": ["prompt_idx", "sample_idx", "estimator", "eligible", "rho_tilde", "selected"],
     "train": ["origin", "weight", "prompt_idx"],
     "eval": ["model", "benchmark", "problem_id", "sample", "correct", "status"],
@@ -182,7 +183,9 @@ def section_accuracy(t: dict[str, pl.DataFrame], out: Path) -> str:
         ylabel="accuracy (%)",
     )
     ax.set_ylim(0, 105)
-    return f"{_save(fig, out / 'rollout_accuracy.png')}\n{md_table(stats)}"
+    return (
+        f"{unsandboxed_warning(t['verdicts'])}{_save(fig, out / 'rollout_accuracy.png')}\n{md_table(stats)}"
+    )
 
 
 def _think_chars(t: dict[str, pl.DataFrame]) -> pl.DataFrame:
