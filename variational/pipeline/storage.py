@@ -1,0 +1,259 @@
+"""Where a data root's bytes live: the one place the store (variational/pipeline/store.py) touches them.
+
+Every path below a data root is given relative to it (`run/stage/fp/part-00000.parquet`) and checked
+before anything is opened, moved or written (issue 17 item 4: a data root may come from elsewhere, and
+nothing it records is taken on trust):
+- a recorded path is relative, without `..`, empty or hidden components, in a plain alphabet
+  (`check_relative`); anything else is `UnsafePath`;
+- walking down from the root, no component is a symbolic link and every folder is a folder (`lstat`);
+- a file that is read is a regular file, opened with O_NOFOLLOW | O_NONBLOCK (a FIFO or device never
+  blocks, a symlink swapped in after the check is refused by the kernel);
+- writes go to a fresh temp file (O_EXCL, random name) in the target folder, renamed over the target;
+- a lock file is opened with O_NOFOLLOW and must be a regular file, and only to compute: reading a
+  finished root never opens anything for writing, so it works on a read-only mount (issue 17 item 7).
+The root itself is the user's choice and may be a symlink.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+# a component of a recorded path: what the store itself writes (part-00000.parquet, model/config.json,
+# run/stage/fingerprint); no leading dot (., .., .lock, .quarantine are never recorded), no separators
+SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9_+=-][A-Za-z0-9_.+=-]{0,254}$")
+READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class StoreError(RuntimeError):
+    """Something in a data root the store refuses or cannot use; the message is one line saying what to do."""
+
+
+class UnsafePath(StoreError):
+    """A recorded path or a file that would lead outside its folder, through a symlink, or to a special file."""
+
+
+class CorruptRecord(StoreError):
+    """A manifest or run.json that is not what the store writes (truncated, not JSON, wrong shape)."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
+
+
+class ReadOnlyRoot(StoreError):
+    """A write (a stage to compute) on a data root that cannot be written."""
+
+
+class LockHeld(RuntimeError):
+    """The lock is held by another process; `holder` is what that process wrote into it."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def below(rel: str) -> str:
+    """`rel` if it stays below its folder (relative; no `..`, `.` or empty component), else UnsafePath.
+    The store's own names (`.lock`, `.quarantine/...`) pass; recorded paths must pass `check_relative`."""
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise UnsafePath(f"{rel!r} is not a path")
+    if rel.startswith("/"):
+        raise UnsafePath(f"{rel!r} is an absolute path")
+    for part in rel.split("/"):
+        if part in ("", ".", ".."):
+            raise UnsafePath(f"{rel!r} has a {part or 'empty'!r} component")
+    return rel
+
+
+def check_relative(rel: str) -> str:
+    """`rel` if it is a safe recorded path (see the module docstring), else UnsafePath saying why."""
+    for part in below(rel).split("/"):
+        if not SAFE_COMPONENT.match(part):
+            raise UnsafePath(f"{rel!r} has a component with characters the store never writes ({part!r})")
+    return rel
+
+
+def join(*parts: str) -> str:
+    return "/".join(p for p in parts if p)
+
+
+class LocalRoot:
+    """A data root on a local or shared POSIX filesystem (NFS, Lustre)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def full(self, rel: str) -> Path:
+        """The real path of `rel` (checked syntactically; use `lstat` to check what is there)."""
+        return self.path / below(rel) if rel else self.path
+
+    def display(self, rel: str) -> str:
+        return str(self.path / rel) if rel else str(self.path)
+
+    # ------------------------------------------------------------ looking
+    def lstat(self, rel: str) -> os.stat_result | None:
+        """What is at `rel` (None: nothing); UnsafePath when a component below the root is a symlink."""
+        cur, parts = self.path, below(rel).split("/")
+        st = None
+        for i, part in enumerate(parts):
+            cur = cur / part
+            try:
+                st = os.lstat(cur)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            if stat.S_ISLNK(st.st_mode):
+                raise UnsafePath(f"{cur} is a symbolic link (the store follows none)")
+            if i < len(parts) - 1 and not stat.S_ISDIR(st.st_mode):
+                return None
+        return st
+
+    def file_size(self, rel: str) -> int | None:
+        """The size of the regular file at `rel`; None when absent; UnsafePath for anything else there."""
+        st = self.lstat(rel)
+        if st is None:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePath(f"{self.path / rel} is not a regular file")
+        return st.st_size
+
+    def is_dir(self, rel: str) -> bool:
+        if not rel:
+            return self.path.is_dir()
+        st = self.lstat(rel)
+        return st is not None and stat.S_ISDIR(st.st_mode)
+
+    def listdir(self, rel: str) -> dict[str, str]:
+        """name -> 'file' | 'dir' | 'other' of what `rel` holds (symlinks are 'other'); {} when absent."""
+        if rel and not self.is_dir(rel):
+            return {}
+        try:
+            entries = list(os.scandir(self.full(rel)))
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        out = {}
+        for e in entries:
+            kind = "other"
+            if not e.is_symlink():
+                kind = "file" if e.is_file(follow_symlinks=False) else "dir" if e.is_dir() else "other"
+            out[e.name] = kind
+        return out
+
+    # ------------------------------------------------------------ reading
+    def open_read(self, rel: str) -> BinaryIO:
+        """`rel` opened for reading: a regular file reached through no symlink, never a FIFO or device."""
+        self.lstat(rel)  # the folders on the way
+        path = self.full(rel)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise UnsafePath(f"{path} is a symbolic link (the store follows none)") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UnsafePath(f"{path} is not a regular file")
+        return os.fdopen(fd, "rb")
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.open_read(rel) as fh:
+            return fh.read()
+
+    def sha256(self, rel: str) -> str:
+        h = hashlib.sha256()
+        with self.open_read(rel) as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    def local_path(self, rel: str) -> Path:
+        """A path readers that take paths (polars, DuckDB) can open; checked as `open_read` checks it."""
+        self.open_read(rel).close()
+        return self.full(rel)
+
+    # ------------------------------------------------------------ writing
+    def writable(self) -> bool:
+        """Whether this process may write here (False on a read-only mount, EROFS, or without permission)."""
+        return os.access(self.path, os.W_OK) if self.path.exists() else True
+
+    def makedirs(self, rel: str) -> Path:
+        """Create the folders of `rel` below the root (the root too), refusing symlinks on the way."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        cur = self.path
+        for part in below(rel).split("/") if rel else []:
+            cur = cur / part
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(cur)
+            st = os.lstat(cur)
+            if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+                raise UnsafePath(f"{cur} is not a folder (a symbolic link or a file)")
+        return cur
+
+    def write(self, rel: str, fill: Callable[[BinaryIO], None]) -> None:
+        """Write `rel` whole or not at all: `fill` writes a fresh temp file beside it, renamed over it."""
+        folder, name = rel.rpartition("/")[::2]
+        where = self.makedirs(folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=where)  # O_EXCL: never someone's file
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fill(fh)
+            os.replace(tmp, where / name)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def move(self, rel: str, to_rel: str) -> None:
+        self.lstat(rel)
+        self.makedirs(to_rel.rpartition("/")[0])
+        os.replace(self.full(rel), self.full(to_rel))
+
+    def remove(self, rel: str) -> None:
+        if self.lstat(rel) is not None:
+            os.unlink(self.full(rel))
+
+    # ------------------------------------------------------------ locks
+    @contextlib.contextmanager
+    def lock(self, rel: str, holder: str) -> Iterator[None]:
+        """Exclusive flock on the regular file `rel`, released when the process ends (even by SIGKILL);
+        LockHeld when another process has it. (flock: reliable on local disks; on NFS it depends on the
+        mount.) The file is opened only here, to compute: never to reuse."""
+        try:
+            self.makedirs(rel.rpartition("/")[0])
+            fd = os.open(
+                self.full(rel), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644
+            )
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise UnsafePath(f"{self.full(rel)} is a symbolic link (the store follows none)") from None
+            if err.errno in READ_ONLY_ERRNOS:
+                raise ReadOnlyRoot(f"{self.path} cannot be written ({os.strerror(err.errno)})") from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UnsafePath(f"{self.full(rel)} is not a regular file")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LockHeld(os.pread(fd, 4096, 0).decode(errors="replace").strip()) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder.encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+
+def open_root(data_root: str | Path) -> LocalRoot:
+    """The storage of a data root."""
+    return LocalRoot(data_root)
