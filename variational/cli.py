@@ -36,6 +36,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.data_root:
         overrides.append(f"data_root={args.data_root}")
     conf = load_config(args.config, overrides)  # the one load: fail fast, before Prefect starts
+    from variational.pipeline.storage import open_root
+
+    open_root(conf.data_root)  # an unknown URL scheme, a missing package or credentials: one line, now
     orchestration.prefect_env(conf.data_root)
     from variational import shutdown
 
@@ -56,7 +59,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return shutdown.exit_code(err)
-    print(f"run {conf.name!r} finished; tables under {Path(conf.data_root) / conf.name}")
+    from variational.pipeline.store import run_folder
+
+    print(f"run {conf.name!r} finished; tables under {run_folder(conf.data_root, conf.name)}")
     if result.get("report"):
         print(f"report: {result['report']}")
     return 0

@@ -1,5 +1,6 @@
 """The run report: a run's tables -> <data_root>/<run>/report/report.md + PNG plots (+ a Prefect artifact);
-`--out DIR` elsewhere, and $VARIATIONAL_HOME/reports/<run> when the data root is read-only (`report_folder`).
+`--out DIR` elsewhere; $VARIATIONAL_HOME/reports/<run> on a read-only root; uploaded to <run>/report/ on
+object storage (`report_folder`).
 
 In:  the stage tables of one run (problems, posterior_samples, verdicts, weights, train, eval), opened
      through variational.analysis.sql (one DuckDB view per table); a table with a `round` column is read at its
@@ -25,9 +26,10 @@ from matplotlib.ticker import MaxNLocator
 
 from variational.analysis.metrics import MODELS, summarize, summary_markdown
 from variational.analysis.sql import connect, unreadable_stages
-from variational.engines import models
 from variational.pipeline.orchestration import publish_markdown
-from variational.pipeline.store import run_json, writable
+from variational.pipeline.records import check_name
+from variational.pipeline.storage import absolute_root, home, open_root
+from variational.pipeline.store import run_folder
 
 # Columns each section needs; reading only these keeps logps / rollout texts out of memory.
 COLUMNS: dict[str, list[str]] = {
@@ -385,17 +387,19 @@ SECTIONS: list[tuple[str, Callable[[dict[str, pl.DataFrame], Path], str]]] = [
 
 
 def report_folder(data_root: str | Path, run: str, out_dir: str | Path | None = None) -> Path:
-    """Where the report goes: `out_dir` if given, else <data_root>/<run>/report, or, when the data root
-    cannot be written (a finished run on a read-only mount), $VARIATIONAL_HOME/reports/<run>."""
+    """Where the report is rendered: `out_dir` if given, else <data_root>/<run>/report on a writable local
+    root, else (a read-only mount; object storage, where it is uploaded after) $VARIATIONAL_HOME/reports/<run>."""
     if out_dir is not None:
         return Path(out_dir)
-    if writable(data_root):
-        return run_json(data_root, run).parent / "report"
-    return models.home() / "reports" / run
+    root = open_root(data_root)
+    if root.local and root.writable():
+        return Path(run_folder(data_root, run)) / "report"
+    return home() / "reports" / check_name(run, "run")
 
 
-def write_report(data_root: str | Path, run: str, out_dir: str | Path | None = None) -> Path:
-    """Write report.md and its PNGs into `report_folder`; returns the md path."""
+def write_report(data_root: str | Path, run: str, out_dir: str | Path | None = None) -> Path | str:
+    """Write report.md and its PNGs into `report_folder` (on object storage, then upload them to
+    <run>/report/); returns where report.md is: a path, or its URL."""
     con = connect(data_root, run)
     out = report_folder(data_root, run, out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -403,13 +407,18 @@ def write_report(data_root: str | Path, run: str, out_dir: str | Path | None = N
     stages = con.sql("SELECT stage, table_name, round, status, rows, fingerprint FROM run_stages").pl()
     parts = [
         f"# Run report: {run}\n",
-        f"Data root `{Path(data_root).resolve()}`; plots are PNGs in `{out}`.\n",
+        f"Data root `{absolute_root(data_root)}`; plots are PNGs in `{out}`.\n",
     ]
     parts.append("## Stages\n\n" + md_table(stages))
     for title, fn in SECTIONS:
         parts.append(f"## {title}\n\n{fn(tables, out)}")
     path = out / "report.md"
     path.write_text("\n".join(parts))
+    root = open_root(data_root)
+    if out_dir is None and not root.local and root.writable():
+        for f in sorted(out.iterdir()):
+            root.put_file(f, f"{run}/report/{f.name}")
+        return root.full(f"{run}/report/report.md")
     return path
 
 
@@ -429,7 +438,7 @@ def artifact_markdown(path: str | Path) -> tuple[str, str]:
 
 def write_and_publish(cfg: dict) -> str:
     """The flow's report step: write the run's report and publish it as a Prefect markdown artifact."""
-    path = write_report(cfg["data_root"], cfg["name"])
-    key, text = artifact_markdown(path)
+    where = write_report(cfg["data_root"], cfg["name"])
+    key, text = artifact_markdown(report_folder(cfg["data_root"], cfg["name"]) / "report.md")
     publish_markdown(key, text, "run report")
-    return str(path)
+    return str(where)

@@ -15,13 +15,20 @@ extensions, no settings change. Errors are `SqlError`, one line.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import duckdb
 import polars as pl
 
-from variational.pipeline.store import CorruptRecord, recorded_stages, run_json, run_names, unrecorded_folders
+from variational.pipeline.storage import open_root
+from variational.pipeline.store import (
+    CorruptRecord,
+    recorded_stages,
+    run_folder,
+    run_names,
+    unrecorded_folders,
+)
 from variational.registry import OLD_STAGE_NAMES
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
@@ -57,11 +64,13 @@ def _files_sql(files: list[Path]) -> str:
 def connect(data_root: str | Path, run: str) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with one view per stage table of `run` and the `run_stages` overview, locked so
     that queries read only the run's folders (see `_lock_down`)."""
-    data_root = Path(data_root)
     con = duckdb.connect()
-    readable = [run_json(data_root, run).parent]
+    con.execute("SET autoinstall_known_extensions = false")  # before any read: s3:// never loads httpfs
+    con.execute("SET autoload_known_extensions = false")
+    open_root(data_root).register_duckdb(con)  # object storage: read through our fsspec filesystem
+    readable = [run_folder(data_root, run)]
     meta: list[dict[str, Any]] = []
-    sides: dict[str, Path] = {}  # side tables: eval_summary, problems_rejects
+    sides: dict[str, Path | str] = {}  # side tables: eval_summary, problems_rejects
     parts: dict[str, list[tuple[int, str]]] = {}
     for rec in recorded_stages(data_root, run):
         table = TABLE_OF.get(rec.stage, rec.stage)
@@ -70,7 +79,7 @@ def connect(data_root: str | Path, run: str) -> duckdb.DuckDBPyConnection:
             status = f"unreadable: {rec.problem}"
         else:
             readable.append(rec.folder)
-            sides.update({f"{table}_{p.stem}": p for p in rec.sides})
+            sides.update({f"{table}_{PurePosixPath(str(p)).stem}": p for p in rec.sides})
         if rec.parts:
             scan = f"read_parquet({_files_sql(rec.parts)}, union_by_name=true)"
             try:
@@ -102,14 +111,13 @@ def connect(data_root: str | Path, run: str) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _lock_down(con: duckdb.DuckDBPyConnection, readable: list[Path]) -> None:
-    """No file access but reading the run's folders, no extensions, and no way to change that back.
+def _lock_down(con: duckdb.DuckDBPyConnection, readable: list[Path | str]) -> None:
+    """No file access but reading the run's folders (paths, or URLs on object storage), no extensions, and
+    no way to change that back.
 
     `allowed_directories` lets DuckDB write there too (COPY TO, ATTACH), which is why `run_sql` also
     refuses every statement that is not a SELECT."""
-    dirs = sorted({str(d.resolve()).rstrip("/") + "/" for d in readable})  # the slash: not `run2/` too
-    con.execute("SET autoinstall_known_extensions = false")
-    con.execute("SET autoload_known_extensions = false")
+    dirs = sorted({str(d.resolve() if isinstance(d, Path) else d).rstrip("/") + "/" for d in readable})
     con.execute(f"SET allowed_directories = [{', '.join(_sql_string(d) for d in dirs)}]")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")

@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from variational.pipeline.storage import CorruptRecord, LocalRoot, UnsafePath, check_relative, join, open_root
+from variational.pipeline.storage import CorruptRecord, Root, UnsafePath, check_relative, join, open_root
 
 MANIFEST = "manifest.json"
 RUN_JSON = "run.json"
@@ -35,7 +35,7 @@ def parse_record(raw: bytes, where: str, then: str) -> dict:
     return obj
 
 
-def read_manifest(root: LocalRoot, folder: str) -> dict:
+def read_manifest(root: Root, folder: str) -> dict:
     """The checked manifest of the stage folder `folder` (relative to the root). FileNotFoundError when there
     is none; CorruptRecord when it does not parse; UnsafePath when a file entry could leave the folder. Its
     `path` and `model_dir` are where it was found, never what it says (a copied or forged manifest)."""
@@ -64,14 +64,14 @@ def read_manifest(root: LocalRoot, folder: str) -> dict:
     return manifest
 
 
-def _refused(root: LocalRoot, folder: str, entry: object, err: Exception) -> UnsafePath:
+def _refused(root: Root, folder: str, entry: object, err: Exception) -> UnsafePath:
     return UnsafePath(
         f"{root.display(join(folder, MANIFEST))}: entry {entry!r} is refused ({err}); nothing was read or "
         f"moved, delete {root.display(folder)} to recompute the stage"
     )
 
 
-def entry_size(root: LocalRoot, folder: str, name: str) -> int | None:
+def entry_size(root: Root, folder: str, name: str) -> int | None:
     """Size of a file a manifest lists (None: missing); UnsafePath naming the entry when it is not a regular
     file inside the folder (a symlink, a FIFO, a device)."""
     try:

@@ -19,7 +19,6 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -30,6 +29,7 @@ from variational.pipeline import orchestration
 from variational.pipeline.fingerprint import stage_fingerprint
 from variational.pipeline.orchestration import logger
 from variational.pipeline.stage import Engine, Inputs, Output, Ref, Stage
+from variational.pipeline.storage import absolute_root, is_url, open_root
 from variational.pipeline.store import DamagedStage, StageStore, begin_run, record_stage, writable
 
 
@@ -297,8 +297,9 @@ def start_run(config: str | dict, overrides: list[str] | None = None) -> dict:
     if _TRACE.get() is not None:
         return conf.model_dump(mode="json")
     shutdown.install()  # Prefect's flow engine installs its own SIGTERM handler: ours must win (issue #12)
-    conf.data_root = str(Path(conf.data_root).resolve())
-    if conf.executor.kind == "ray":  # every node must see the data root (a shared filesystem)
+    conf.data_root = absolute_root(conf.data_root)  # a URL stays a URL (never a local folder `s3:`)
+    open_root(conf.data_root)  # an unknown scheme, a missing package or credentials: one line, now
+    if conf.executor.kind == "ray" and not is_url(conf.data_root):  # every node must see the data root
         from variational.pipeline.executor import check_shared_root
 
         check_shared_root(conf.data_root)

@@ -12,6 +12,10 @@ nothing it records is taken on trust):
 - a lock file is opened with O_NOFOLLOW and must be a regular file, and only to compute: reading a
   finished root never opens anything for writing, so it works on a read-only mount (issue 17 item 7).
 The root itself is the user's choice and may be a symlink.
+
+The seam: `open_root(data_root)` gives a `LocalRoot` for a path (or file://) and an
+objectstore.ObjectRoot for an object-store URL (s3://bucket/prefix); both offer the same operations, so
+the store never asks which one it has, except where bytes must be local (model folders: `local`).
 """
 
 from __future__ import annotations
@@ -22,16 +26,27 @@ import fcntl
 import hashlib
 import os
 import re
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 # a component of a recorded path: what the store itself writes (part-00000.parquet, model/config.json,
 # run/stage/fingerprint); no leading dot (., .., .lock, .quarantine are never recorded), no separators
 SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9_+=-][A-Za-z0-9_.+=-]{0,254}$")
 READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def home() -> Path:
+    """$VARIATIONAL_HOME (default ~/.cache/variational): this machine's caches (models, reports, uploads)."""
+    return Path(os.environ.get("VARIATIONAL_HOME", Path.home() / ".cache" / "variational"))
+
+
+def is_url(data_root: str | Path) -> bool:
+    return isinstance(data_root, str) and URL.match(data_root) is not None
 
 
 class StoreError(RuntimeError):
@@ -90,7 +105,12 @@ def join(*parts: str) -> str:
 class LocalRoot:
     """A data root on a local or shared POSIX filesystem (NFS, Lustre)."""
 
+    local = True
+
     def __init__(self, path: str | Path):
+        first = Path(path).parts[0] if Path(path).parts else ""
+        if first.endswith(":") and len(first) > 2:  # `s3:/b` is what Path makes of `s3://b`: never a folder
+            raise StoreError(f"data root {str(path)!r} looks like a URL, not a folder; write it scheme://...")
         self.path = Path(path)
 
     def __str__(self) -> str:
@@ -128,6 +148,9 @@ class LocalRoot:
         if not stat.S_ISREG(st.st_mode):
             raise UnsafePath(f"{self.path / rel} is not a regular file")
         return st.st_size
+
+    def exists(self, rel: str) -> bool:
+        return self.lstat(rel) is not None
 
     def is_dir(self, rel: str) -> bool:
         if not rel:
@@ -178,10 +201,17 @@ class LocalRoot:
                 h.update(block)
         return h.hexdigest()
 
-    def local_path(self, rel: str) -> Path:
-        """A path readers that take paths (polars, DuckDB) can open; checked as `open_read` checks it."""
+    def reader(self, rel: str) -> str:
+        """What polars reads: the path, checked as `open_read` checks it."""
         self.open_read(rel).close()
-        return self.full(rel)
+        return str(self.full(rel))
+
+    def get_file(self, rel: str, local: Path) -> None:
+        with self.open_read(rel) as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+    def register_duckdb(self, con: object) -> None:
+        """DuckDB reads local files itself."""
 
     # ------------------------------------------------------------ writing
     def writable(self) -> bool:
@@ -214,6 +244,10 @@ class LocalRoot:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 
+    def put_file(self, local: Path, rel: str) -> None:
+        with open(local, "rb") as src:
+            self.write(rel, lambda dst: shutil.copyfileobj(src, dst))
+
     def move(self, rel: str, to_rel: str) -> None:
         self.lstat(rel)
         self.makedirs(to_rel.rpartition("/")[0])
@@ -225,7 +259,7 @@ class LocalRoot:
 
     # ------------------------------------------------------------ locks
     @contextlib.contextmanager
-    def lock(self, rel: str, holder: str) -> Iterator[None]:
+    def lock(self, rel: str, holder: str) -> Iterator[Held]:
         """Exclusive flock on the regular file `rel`, released when the process ends (even by SIGKILL);
         LockHeld when another process has it. (flock: reliable on local disks; on NFS it depends on the
         mount.) The file is opened only here, to compute: never to reuse."""
@@ -249,11 +283,55 @@ class LocalRoot:
                 raise LockHeld(os.pread(fd, 4096, 0).decode(errors="replace").strip()) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, holder.encode(), 0)
-            yield
+            yield Held()
         finally:
             os.close(fd)  # closing the descriptor releases the lock
 
 
-def open_root(data_root: str | Path) -> LocalRoot:
-    """The storage of a data root."""
-    return LocalRoot(data_root)
+class Root(Protocol):
+    """What the store asks of a data root (LocalRoot here, objectstore.ObjectRoot): paths are relative."""
+
+    local: bool
+
+    def full(self, rel: str) -> Path | str: ...
+    def display(self, rel: str) -> str: ...
+    def exists(self, rel: str) -> bool: ...
+    def file_size(self, rel: str) -> int | None: ...
+    def is_dir(self, rel: str) -> bool: ...
+    def listdir(self, rel: str) -> dict[str, str]: ...
+    def read_bytes(self, rel: str) -> bytes: ...
+    def sha256(self, rel: str) -> str: ...
+    def reader(self, rel: str) -> Any: ...
+    def get_file(self, rel: str, local: Path) -> None: ...
+    def writable(self) -> bool: ...
+    def write(self, rel: str, fill: Callable[[BinaryIO], None]) -> None: ...
+    def put_file(self, local: Path, rel: str) -> None: ...
+    def move(self, rel: str, to_rel: str) -> None: ...
+    def remove(self, rel: str) -> None: ...
+    def lock(self, rel: str, holder: str) -> contextlib.AbstractContextManager[Any]: ...
+    def register_duckdb(self, con: Any) -> None: ...
+
+
+class Held:
+    """A lock held: `lost` says why it no longer is (a flock is never lost; a lease can be)."""
+
+    lost: str | None = None
+
+
+def open_root(data_root: str | Path) -> Root:
+    """The storage of a data root: LocalRoot for a path or file:// URL, objectstore.ObjectRoot for another
+    URL (imported only then: a local run never loads fsspec or s3fs)."""
+    if not is_url(data_root):
+        return LocalRoot(data_root)
+    if str(data_root).startswith("file://"):
+        return LocalRoot(str(data_root)[len("file://") :])
+    from variational.pipeline.objectstore import open_object_root
+
+    return open_object_root(str(data_root))
+
+
+def absolute_root(data_root: str | Path) -> str:
+    """The data root as workers and run.json take it: an absolute path, or the URL without a trailing /."""
+    if is_url(data_root) and not str(data_root).startswith("file://"):
+        return str(data_root).rstrip("/")
+    return str(Path(str(data_root).removeprefix("file://")).resolve())

@@ -31,6 +31,7 @@ from typing import Any
 
 import polars as pl
 
+from variational.pipeline import modelfiles
 from variational.pipeline.records import (
     MANIFEST,
     RUN_JSON,
@@ -46,6 +47,7 @@ from variational.pipeline.storage import (
     LocalRoot,
     LockHeld,
     ReadOnlyRoot,
+    Root,
     StoreError,
     UnsafePath,
     join,
@@ -102,8 +104,9 @@ class StageStore:
         self.data_root, self.run, self.stage, self.fp = Path(data_root), run, stage, fp
         self.root = open_root(data_root)
         self.rel = join(check_name(run, "run"), check_name(stage, "stage"), check_name(fp, "fingerprint"))
-        self.dir = self.root.full(self.rel)
+        self.dir = self.root.full(self.rel)  # a Path on a local root, a URL on object storage
         self.started = time.time()
+        self._held: Any = None
 
     @property
     def manifest_path(self) -> Path:
@@ -111,31 +114,35 @@ class StageStore:
 
     @property
     def model_dir(self) -> Path:
-        return self.dir / "model"
+        """Where training writes the model: the stage folder's model/ on a local root; on object storage a
+        local staging folder, uploaded by `finish` (variational/pipeline/modelfiles.py)."""
+        if self.root.local:
+            return self.dir / "model"
+        return modelfiles.staging_dir(self.run, self.stage, self.fp)
 
     def shard_name(self, i: int) -> str:
         return f"part-{i:05d}.parquet"
 
-    def shard_path(self, i: int) -> Path:
-        return self.dir / self.shard_name(i)
+    def shard_path(self, i: int) -> Path | str:
+        return self.root.full(join(self.rel, self.shard_name(i)))
 
     def has_shard(self, i: int) -> bool:
         return self.root.file_size(join(self.rel, self.shard_name(i))) is not None
 
-    def write_shard(self, i: int, df: pl.DataFrame) -> Path:
+    def write_shard(self, i: int, df: pl.DataFrame) -> Path | str:
         self._write_table(self.shard_name(i), df)
         return self.shard_path(i)
 
-    def write_side(self, name: str, df: pl.DataFrame) -> Path:
+    def write_side(self, name: str, df: pl.DataFrame) -> Path | str:
         """A side table (e.g. `rejects`) beside the shards: never read as the stage's table."""
         self._write_table(f"{name}.parquet", df)
-        return self.dir / f"{name}.parquet"
+        return self.root.full(join(self.rel, f"{name}.parquet"))
 
     def _write_table(self, name: str, df: pl.DataFrame) -> None:
         self.root.write(join(self.rel, name), lambda fh: df.write_parquet(fh, compression="zstd"))
 
     def has_manifest(self) -> bool:
-        return self.root.lstat(join(self.rel, MANIFEST)) is not None
+        return self.root.exists(join(self.rel, MANIFEST))
 
     def manifest(self) -> dict:
         return read_manifest(self.root, self.rel)
@@ -148,18 +155,21 @@ class StageStore:
         Taken only to write: a reuse reads without it."""
         holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}"
         try:
-            with self.root.lock(join(self.rel, ".lock"), holder):
+            with self.root.lock(join(self.rel, ".lock"), holder) as self._held:
                 yield
         except LockHeld as held:
             raise StageLocked(
                 f"stage {self.stage!r} of run {self.run!r} is being computed by {held.holder or 'another process'} "
-                f"(lock {self.dir / '.lock'}); wait for that run to finish or stop it, then rerun"
+                f"(lock {self.root.display(join(self.rel, '.lock'))}); wait for that run to finish or stop it, "
+                "then rerun"
             ) from None
         except ReadOnlyRoot as err:
             raise ReadOnlyRoot(
                 f"stage {self.stage!r} of run {self.run!r} must be computed, but {err}; rerun on a "
                 "writable copy of the data root"
             ) from None
+        finally:
+            self._held = None
 
     # ------------------------------------------------------------ completeness and damage
     def problems(self, *, deep: bool = False) -> list[str]:
@@ -187,7 +197,7 @@ class StageStore:
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for item in bad:
             name = item.split(":", 1)[0]
-            if self.root.lstat(join(self.rel, name)) is not None:
+            if self.root.exists(join(self.rel, name)):
                 target = join(self.rel, QUARANTINE, f"{name.replace('/', '_')}.{stamp}")
                 self.root.move(join(self.rel, name), target)
                 moved.append(self.root.full(target))
@@ -208,22 +218,25 @@ class StageStore:
         except (OSError, StoreError):
             return False
 
-    def unlisted_shards(self) -> list[Path]:
+    def unlisted_shards(self) -> list[Path | str]:
         listed = {rec["file"] for rec in self.manifest().get("files", [])}
-        return [p for p in self.shard_files() if p.name not in listed]
+        return [self.root.full(join(self.rel, n)) for n in self.shard_names() if n not in listed]
 
     # ------------------------------------------------------------ reading and finishing
-    def shard_files(self) -> list[Path]:
+    def shard_names(self) -> list[str]:
         """The shard files present (regular files only: a planted symlink is never a shard)."""
         names = self.root.listdir(self.rel)
         return [
-            self.dir / n
+            n
             for n in sorted(names)
             if names[n] == "file" and n.startswith("part-") and n.endswith(".parquet")
         ]
 
+    def shard_files(self) -> list[Path | str]:
+        return [self.root.full(join(self.rel, n)) for n in self.shard_names()]
+
     def read(self) -> pl.DataFrame:
-        return read_files(self.shard_files(), self.stage)
+        return read_files(self.root, [join(self.rel, n) for n in self.shard_names()], self.stage)
 
     def _record(self, name: str, rows: int | None = None) -> dict[str, Any]:
         rel = join(self.rel, name)
@@ -239,10 +252,15 @@ class StageStore:
     def finish(self, *, round_: int, extra_files: tuple[str, ...] = (), **extra: Any) -> dict:
         """Write the manifest (the completion marker) after every shard is in place: rows, schema, each
         file's size and sha256, paths relative to the data root."""
-        shards = self.shard_files()
-        rows = [pl.scan_parquet(f).select(pl.len()).collect().item() for f in shards]
-        schema = {k: str(v) for k, v in pl.scan_parquet(shards[0]).collect_schema().items()} if shards else {}
-        files = [self._record(f.name, rows=n) for f, n in zip(shards, rows, strict=True)]
+        if self._held is not None and self._held.lost:  # another run took the stage over: never finish it
+            raise StageLocked(f"stage {self.stage!r} of run {self.run!r}: {self._held.lost}; rerun")
+        if not self.root.local and self.model_dir.is_dir():  # training wrote it locally: upload, then list
+            modelfiles.upload(self.root, self.model_dir, join(self.rel, "model"))
+        shards = self.shard_names()
+        readers = [self.root.reader(join(self.rel, n)) for n in shards]
+        rows = [pl.scan_parquet(r).select(pl.len()).collect().item() for r in readers]
+        schema = {k: str(v) for k, v in pl.read_parquet_schema(readers[0]).items()} if shards else {}
+        files = [self._record(name, rows=n) for name, n in zip(shards, rows, strict=True)]
         files += [self._record(n) for n in extra_files if self.root.file_size(join(self.rel, n)) is not None]
         model = self.root.listdir(
             join(self.rel, "model")
@@ -263,29 +281,34 @@ class StageStore:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **extra,
         }
-        if self.root.is_dir(join(self.rel, "model")):
+        if model:
             manifest["model_dir"] = join(self.rel, "model")
         self.root.write(join(self.rel, MANIFEST), lambda fh: fh.write(_json_bytes(manifest)))
+        if not self.root.local and model:  # this machine has the model: it is the cache entry already
+            modelfiles.adopt(self.model_dir, manifest)
         return manifest
 
 
-def read_files(files: list[Path], stage: str, columns: list[str] | None = None) -> pl.DataFrame:
-    if not files:
+def read_files(root: Root, rels: list[str], stage: str, columns: list[str] | None = None) -> pl.DataFrame:
+    if not rels:
         raise FileNotFoundError(f"stage {stage!r} has no shards; delete its folder and rerun")
     frames = []
-    for f in files:
+    for rel in rels:
         try:
-            frames.append(pl.read_parquet(f, columns=columns))
+            frames.append(pl.read_parquet(root.reader(rel), columns=columns))
+        except (UnsafePath, FileNotFoundError):
+            raise
         except Exception as err:  # a damaged file: name it, whatever polars raised
             raise DamagedStage(
-                f"stage {stage!r}: {f} is unreadable ({type(err).__name__}); "
+                f"stage {stage!r}: {root.display(rel)} is unreadable ({type(err).__name__}); "
                 f"run `variational verify-store` or rerun to recompute it"
             ) from None
     return pl.concat(frames, how="vertical_relaxed")
 
 
-def listed_files(data_root: str | Path, ref: dict) -> list[Path]:
-    """The shard files of a finished stage as its manifest lists them (relocated to this data root)."""
+def listed_files(data_root: str | Path, ref: dict) -> list[str]:
+    """The shard files of a finished stage as its manifest lists them (relocated to this data root), as
+    paths relative to the data root."""
     root = open_root(data_root)
     folder = recorded_rel(data_root, ref["path"], f"stage {ref.get('stage')!r}")
     try:
@@ -297,17 +320,22 @@ def listed_files(data_root: str | Path, ref: dict) -> list[Path]:
     names = [r["file"] for r in manifest.get("files", []) if r["file"].startswith("part-")]
     for name in names:
         entry_size(root, folder, name)  # a regular file inside the folder, or UnsafePath
-    return [root.full(join(folder, n)) for n in names]
+    return [join(folder, n) for n in names]
 
 
 def read_stage(data_root: str | Path, ref: dict, columns: list[str] | None = None) -> pl.DataFrame:
     """All rows of a finished stage from the ref an upstream task returned (only `columns` if given)."""
-    return read_files(listed_files(data_root, ref), ref.get("stage", "?"), columns)
+    return read_files(open_root(data_root), listed_files(data_root, ref), ref.get("stage", "?"), columns)
 
 
 # ---------------------------------------------------------------- run.json
-def run_json(data_root: str | Path, run: str) -> Path:
-    return Path(data_root) / check_name(run, "run") / RUN_JSON
+def run_json(data_root: str | Path, run: str) -> Path | str:
+    return open_root(data_root).full(join(check_name(run, "run"), RUN_JSON))
+
+
+def run_folder(data_root: str | Path, run: str) -> Path | str:
+    """<data_root>/<run>: a Path, or a URL on object storage."""
+    return open_root(data_root).full(check_name(run, "run"))
 
 
 def writable(data_root: str | Path) -> bool:
@@ -365,16 +393,20 @@ class StageRecord:
     stage: str
     round: int
     entry: dict  # fingerprint, path, rows, wall_time_s, computed
-    folder: Path
+    folder: Path | str  # a Path, or a URL on object storage (what DuckDB reads)
     complete: bool  # its manifest exists
-    parts: list[Path]  # the shards to read: those the manifest lists (without a manifest: those present)
-    sides: list[Path]  # side tables beside the shards (rejects, summary), never read as the stage's table
-    problem: str | None = None  # why this stage cannot be read (damaged manifest, unsafe entry); nothing is
+    parts: list[
+        Path | str
+    ]  # the shards to read: those the manifest lists (without a manifest: those present)
+    sides: list[
+        Path | str
+    ]  # side tables beside the shards (rejects, summary), never read as the stage's table
+    problem: str | None = None  # why it cannot be read (a damaged or unsafe record): nothing of it is read
 
 
-def _files_of(root: LocalRoot, folder: str) -> tuple[bool, list[Path], list[Path]]:
+def _files_of(root: Root, folder: str) -> tuple[bool, list[Path | str], list[Path | str]]:
     """(manifest present, shard files, side tables) of a stage folder; every file checked regular."""
-    if root.lstat(join(folder, MANIFEST)) is not None:
+    if root.exists(join(folder, MANIFEST)):
         names = [r["file"] for r in read_manifest(root, folder).get("files", [])]
         tables = [n for n in names if "/" not in n and n.endswith(".parquet")]
         for name in tables:
@@ -389,7 +421,7 @@ def _files_of(root: LocalRoot, folder: str) -> tuple[bool, list[Path], list[Path
     return complete, parts, sides
 
 
-def _record_of(root: LocalRoot, run: str, stage: str, round_: str, entry: dict) -> StageRecord:
+def _record_of(root: Root, run: str, stage: str, round_: str, entry: dict) -> StageRecord:
     """One run.json entry opened: its folder (checked inside the data root) and files, or its problem."""
     where = f"{root.display(join(run, 'run.json'))}: stage {stage!r} round {round_}"
     number = int(round_) if round_.isdigit() else 0
@@ -401,10 +433,10 @@ def _record_of(root: LocalRoot, run: str, stage: str, round_: str, entry: dict) 
                 raise UnsafePath(f"round {round_!r} is not a number")
         except UnsafePath as err:
             raise UnsafePath(f"{where}: {err}; rerun the flow to rewrite it") from None
-        folder = recorded_rel(root.path, entry.get("path"), where)
+        folder = recorded_rel(root.full(""), entry.get("path"), where)
         complete, parts, sides = _files_of(root, folder)
     except (StoreError, OSError) as err:
-        return StageRecord(stage, number, entry, root.path, False, [], [], str(err))
+        return StageRecord(stage, number, entry, root.full(""), False, [], [], str(err))
     return StageRecord(stage, number, entry, root.full(folder), complete, parts, sides)
 
 
