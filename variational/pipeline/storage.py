@@ -41,7 +41,9 @@ URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def home() -> Path:
-    """$VARIATIONAL_HOME (default ~/.cache/variational): this machine's caches (models, reports, uploads)."""
+    """$VARIATIONAL_HOME (default ~/.cache/variational): this machine's caches (models, reports, uploads).
+    The rule of variational.engines.models.home, which stays where it is (base_model's fingerprint hashes
+    that module's code: moving it would recompute every data root)."""
     return Path(os.environ.get("VARIATIONAL_HOME", Path.home() / ".cache" / "variational"))
 
 
