@@ -14,6 +14,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from variational.analysis import sql as sqlview
 from variational.config import parse_config
 from variational.pipeline import objectstore, runner, store
 from variational.pipeline.objectstore import Lease, open_object_root, stale
@@ -145,13 +146,20 @@ def test_s3_without_the_extra_names_it(s3_root: str) -> None:
     assert "s3:// needs the `s3` extra: pip install 'variational[s3]'" in proc.stderr
 
 
-def test_a_url_never_becomes_a_local_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Old code: Path('s3://b/p') is the local folder `s3:/b/p`; a whole tiny run landed there."""
+def test_a_url_never_becomes_a_local_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Old code: Path('s3://b/p') is the local folder `s3:/b/p`; a whole tiny run landed there (and `runs`
+    listed that folder's runs)."""
+    from variational.cli import main
+
     monkeypatch.chdir(tmp_path)
+    for argv in (["runs", "--data-root", "s4://bucket/x"], ["run", "tiny", "--data-root", "s4://bucket/x"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "unknown URL scheme 's4'" in err
     with pytest.raises(StoreError, match="looks like a URL"):
         open_root(Path("s3://bucket/prefix"))
-    with pytest.raises(StoreError, match="unknown URL scheme"):
-        open_root("s4://bucket/prefix")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -260,6 +268,10 @@ def test_cli_runs_sql_report_and_verify_store_on_s3(
     for outside in (f"s3://{bucket}/other/x.csv", f"{s3_root}/toy/../../other/x.csv", "/etc/passwd"):
         assert main(["sql", "toy", f"select * from read_csv('{outside}')", *root]) == 1
         assert "Permission Error" in capsys.readouterr().err
+    con = sqlview.connect(s3_root, "toy")  # read through our fsspec filesystem: nothing may be fetched
+    settings = "current_setting('autoinstall_known_extensions'), current_setting('autoload_known_extensions')"
+    assert con.execute(f"select {settings}").fetchone() == (False, False)
+    assert con.execute("select count(*) from rollouts").fetchone() == (10,)
     assert main(["report", "toy", *root]) == 0
     assert capsys.readouterr().out.strip() == f"{s3_root}/toy/report/report.md"
     assert b"# Run report: toy" in open_root(s3_root).read_bytes("toy/report/report.md")
@@ -334,6 +346,7 @@ import sys
 sys.path.insert(0, sys.argv[2])
 import raytoy
 from variational import shutdown
+from variational.analysis import sql as sqlview
 from variational.config import parse_config
 from variational.pipeline.runner import run_stage
 shutdown.install()

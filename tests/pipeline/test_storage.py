@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from variational.pipeline.storage import LocalRoot, LockHeld, UnsafePath, check_relative
+from variational.pipeline.storage import (
+    LocalRoot,
+    LockHeld,
+    UnsafePath,
+    absolute_root,
+    check_relative,
+    is_url,
+    open_root,
+)
 
 
 @pytest.mark.parametrize(
@@ -118,3 +126,11 @@ def test_lock_is_exclusive_and_names_the_holder(tmp_path: Path) -> None:
         assert held.value.holder == "pid 1 on host"
     with root.lock("s/.lock", "again"):  # released when its descriptor closed
         assert (tmp_path / "s" / ".lock").read_text() == "again"
+
+
+def test_open_root_picks_the_storage_by_the_root_s_form(tmp_path: Path) -> None:
+    assert isinstance(open_root(tmp_path), LocalRoot) and open_root(tmp_path).local
+    assert open_root(f"file://{tmp_path}").full("a") == tmp_path / "a"  # file:// is a local path
+    assert is_url("s3://b/p") and not is_url("data") and not is_url(tmp_path)
+    assert absolute_root("s3://b/p/") == "s3://b/p" and absolute_root(f"file://{tmp_path}/") == str(tmp_path)
+    assert absolute_root("data") == str(Path("data").resolve())

@@ -14,6 +14,10 @@ path components, a manifest's own paths are derived from where it was found, its
 regular files inside its folder reached through no symlink (variational/pipeline/storage.py), and a
 manifest or run.json that does not parse is named in one line. Such a stage is reported, never followed:
 nothing is read or moved. A reuse reads only; the lock is taken only to compute (a read-only root works).
+
+The bytes live behind variational/pipeline/storage.py's seam: a folder, or an object store
+(`s3://bucket/prefix`, variational/pipeline/objectstore.py: one PUT per file, leases for locks); model
+folders on object storage go through variational/pipeline/modelfiles.py.
 """
 
 from __future__ import annotations
@@ -88,20 +92,11 @@ def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, indent=2, default=str).encode()
 
 
-def relative_to_root(data_root: Path, path: str | Path) -> str:
-    """A path as manifests store it: relative to the data root when inside it, else absolute (a base model)."""
-    path = Path(path)
-    try:
-        return str(path.resolve().relative_to(data_root.resolve()))
-    except ValueError:
-        return str(path)
-
-
 class StageStore:
     """One stage's folder for one fingerprint: its shards, side tables, manifest, model folder and lock."""
 
     def __init__(self, data_root: str | Path, run: str, stage: str, fp: str):
-        self.data_root, self.run, self.stage, self.fp = Path(data_root), run, stage, fp
+        self.data_root, self.run, self.stage, self.fp = data_root, run, stage, fp
         self.root = open_root(data_root)
         self.rel = join(check_name(run, "run"), check_name(stage, "stage"), check_name(fp, "fingerprint"))
         self.dir = self.root.full(self.rel)  # a Path on a local root, a URL on object storage
@@ -109,8 +104,8 @@ class StageStore:
         self._held: Any = None
 
     @property
-    def manifest_path(self) -> Path:
-        return self.dir / MANIFEST
+    def manifest_path(self) -> Path | str:
+        return self.root.full(join(self.rel, MANIFEST))
 
     @property
     def model_dir(self) -> Path:
