@@ -23,7 +23,8 @@ from variational.config import parse_config
 from variational.pipeline.runner import run
 from variational.pipeline.stage import Engine, Inputs, Stage
 
-VICTIM_ITEM = 3  # shard 1 of group 1 ([0, 1, 2] | [3, 4, 5]): shard 0 is written before it
+# shard 1 of group 1 ([0, 1, 2] | [3, 4, 5]): shard 0 is written before it (another item: RAYTOY_VICTIM_ITEM)
+VICTIM_ITEM = int(os.environ.get("RAYTOY_VICTIM_ITEM", "3"))
 HOLD_S = 600.0  # how long the victim shard waits to be killed
 
 
@@ -40,7 +41,7 @@ class Multiplier:
 
 
 def _shard(i: Inputs, engine: Engine, part: pl.DataFrame) -> pl.DataFrame:
-    pid_file = i.data_root / "victim.pid"
+    pid_file = Path(os.environ.get("RAYTOY_PID_DIR") or i.data_root) / "victim.pid"  # a local folder
     if VICTIM_ITEM in part["x"] and not pid_file.exists():
         tmp = pid_file.with_suffix(".tmp")
         tmp.write_text(str(os.getpid()))

@@ -103,3 +103,48 @@ def test_sql_copy_into_a_stage_folder_is_refused(sql_root: Path, capsys: pytest.
     assert main(["sql", "r", "--data-root", str(sql_root), attack]) == 1
     assert "COPY statements are refused" in capsys.readouterr().err
     assert sorted(p.name for p in stage.glob("part-*")) == ["part-00000.parquet"]
+
+
+# ---------------------------------------------------------------- issue 17: run names and damaged run.json
+def test_a_run_named_dot_dot_is_refused_everywhere(
+    sql_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Old code: `name: ..` validated (the pattern allowed dots), so its stages went to the root's parent;
+    `sql ..` looked for DATA_ROOT/../run.json."""
+    assert main(["run", "tiny", "--set", "name=..", "--data-root", str(sql_root)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "name" in err
+    for argv in (
+        ["sql", "..", "select 1"],
+        ["report", ".."],
+        ["verify-store", ".."],
+        ["sql", "r/..", "select 1"],
+    ):
+        assert main([*argv, "--data-root", str(sql_root)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is not one plain name" in err and "Traceback" not in err
+    assert sorted(p.name for p in sql_root.parent.iterdir()) == ["data"]
+
+
+def test_a_truncated_run_json_is_one_line_for_every_reader(
+    sql_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Old code: json.loads raised JSONDecodeError out of every command: a traceback."""
+    other = StageStore(sql_root, "other", "verify", "fp1")
+    other.write_shard(0, pl.DataFrame({"prompt_idx": [0]}))
+    record_stage(sql_root, "other", other.finish(round_=1), computed=True)
+    run_json = sql_root / "r" / "run.json"
+    run_json.write_text(run_json.read_text()[:30])
+    root = ["--data-root", str(sql_root)]
+    for argv in (
+        ["sql", "r", "select 1"],
+        ["report", "r", "--out", str(tmp_path / "rep")],
+        ["verify-store", "r"],
+    ):
+        assert main([*argv, *root]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{run_json} is damaged (not valid JSON" in err, err
+        assert "rerun the flow of this run to rewrite it" in err
+    assert main(["runs", *root]) == 2  # the other run is still listed
+    out, err = capsys.readouterr()
+    assert "other" in out and "verify" in out and err.count("\n") == 1 and str(run_json) in err

@@ -37,6 +37,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.data_root:
         overrides.append(f"data_root={args.data_root}")
     conf = load_config(args.config, overrides)  # the one load: fail fast, before Prefect starts
+    from variational.pipeline.storage import open_root
+
+    open_root(conf.data_root)  # an unknown URL scheme, a missing package or credentials: one line, now
     orchestration.prefect_env(conf.data_root)
     from variational import shutdown
 
@@ -57,7 +60,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return shutdown.exit_code(err)
-    print(f"run {conf.name!r} finished; tables under {Path(conf.data_root) / conf.name}")
+    from variational.pipeline.store import run_folder
+
+    print(f"run {conf.name!r} finished; tables under {run_folder(conf.data_root, conf.name)}")
     if result.get("report"):
         print(f"report: {result['report']}")
     return 0
@@ -115,27 +120,36 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     runs = list_runs(args.data_root)
     print(format_runs(runs) if runs else f"no runs under {args.data_root}")
-    return 0
+    damaged = [s["problem"] for _, stages in runs for s in stages if s["stage"] == "run.json"]
+    for problem in damaged:  # the other runs are listed; the damaged run.json is named, exit 2
+        print(f"error: {problem}", file=sys.stderr)
+    return 2 if damaged else 0
 
 
 def cmd_verify_store(args: argparse.Namespace) -> int:
-    """Hash-check every file of a run against its manifests; set aside what is damaged (exit 1)."""
+    """Hash-check every file of a run against its manifests; set aside what is damaged (exit 1). A stage
+    whose manifest or record points outside its folder is named and left alone (nothing read or moved)."""
     from variational.pipeline.store import verify_run
 
     results = verify_run(args.data_root, args.run, set_aside=not args.dry_run)
-    for stage, round_, bad in results:
+    for stage, round_, bad, _ in results:
         print(f"{stage:<18} round {round_}: " + ("ok" if not bad else "DAMAGED: " + "; ".join(bad)))
-    damaged = sum(1 for *_, bad in results if bad)
+    damaged = sum(1 for _, _, bad, refused in results if bad and not refused)
+    refused = sum(1 for *_, refused in results if refused)
     if damaged:
         verb = "would be set aside" if args.dry_run else "were set aside"
         print(f"{damaged} stage(s) damaged; their files {verb}: rerun the flow to recompute them")
-    return 1 if damaged else 0
+    if refused:
+        print(
+            f"{refused} stage(s) refused (nothing read or moved): delete the folders named above, then rerun"
+        )
+    return 1 if damaged or refused else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from variational.analysis.report import write_report
 
-    print(write_report(args.data_root, args.run))
+    print(write_report(args.data_root, args.run, args.out))
     return 0
 
 
@@ -320,6 +334,9 @@ def _add_store_commands(sub: Any) -> None:
     rep = sub.add_parser("report", help="write the markdown + PNG report of a run")
     rep.add_argument("run")
     rep.add_argument("--data-root", default="data")
+    rep.add_argument(
+        "--out", help="folder for report.md and the PNGs (default: DATA_ROOT/RUN/report when writable)"
+    )
     rep.set_defaults(func=cmd_report)
 
 
@@ -409,19 +426,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a sub-command; the errors a user causes or fixes print one line (no traceback) and set the exit
-    code: 2 for a bad config, a missing run or file, an unreachable server; 1 for SQL that fails; 3 when
-    another run is computing a stage or a damaged file was set aside (rerun)."""
+    code: 2 for a bad config, a missing run or file, a damaged run.json or manifest, a path the store refuses,
+    a read-only root that must be written, an unreachable server; 1 for SQL that fails; 3 when another run
+    is computing a stage or a damaged file was set aside (rerun)."""
     args = build_parser().parse_args(argv)
     import duckdb
 
     from variational.analysis.sql import SqlError
     from variational.config import ConfigError
     from variational.pipeline.orchestration import ServerUnreachable
-    from variational.pipeline.store import DamagedStage, StageLocked
+    from variational.pipeline.store import DamagedStage, StageLocked, StoreError
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, StoreError) as err:  # StoreError: a damaged or unsafe record
         return _fail(err, 2)
     except (StageLocked, DamagedStage) as err:  # another run holds a stage; a file was set aside
         return _fail(err, 3)

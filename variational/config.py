@@ -214,8 +214,12 @@ class ExecutorConfig(Strict):
     )
 
 
+# A run name is one plain path component: its folder is <data_root>/<name> (`..` would be the root's parent)
+RUN_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$"
+
+
 class RunConfig(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=RUN_NAME, description="letters, digits, _ . -; not starting with '.'")
     data_root: str = "data"
     base_model: str = Field(description="HF id, local folder, or embedded:smollm2-135m")
     rounds: int = Field(1, ge=1, description="variational EM rounds T (paper: 1)")

@@ -320,3 +320,14 @@ def test_verdicts_of_unknown_prompts_group_as_unknown(tmp_path: Path) -> None:
     record_stage(tmp_path, RUN, store.finish(round_=1), computed=True)
     md = report.write_report(tmp_path, RUN).read_text()
     assert "| unknown | 8 | 0.500 |" in md
+
+
+def test_a_truncated_manifest_is_named_in_the_missing_table_note(tmp_path: Path) -> None:
+    """Old code: building the views read the manifest with json.loads: the report died with a traceback."""
+    make_run(tmp_path)
+    manifest = next((tmp_path / RUN / "weights").glob("*/manifest.json"))
+    manifest.write_text(manifest.read_text()[:50])
+    md = report.write_report(tmp_path, RUN).read_text()
+    assert "_No `weights` table in this run (its stage is unreadable: " in md
+    assert "manifest.json is damaged (not valid JSON" in md
+    assert "## Answer-rollout accuracy by source" in md and "rollout_accuracy.png" in md  # the rest is there

@@ -3,6 +3,7 @@ downstream tables written through the store, as the stages write them."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -275,3 +276,55 @@ def test_a_damaged_shard_leaves_the_other_tables_queryable(small_run: Path) -> N
     assert status.startswith("unreadable")
     with pytest.raises(sqlview.SqlError, match="weights"):
         sqlview.run_sql(small_run, RUN, "SELECT * FROM weights")
+
+
+# ---------------------------------------------------------------- issue 17: what a run records is not trusted
+def _set_recorded_path(root: Path, stage: str, path: str) -> None:
+    run_json = root / RUN / "run.json"
+    current = json.loads(run_json.read_text())
+    current["stages"][stage]["1"]["path"] = path
+    run_json.write_text(json.dumps(current))
+
+
+def test_a_run_json_path_outside_the_root_opens_nothing_there(small_run: Path) -> None:
+    """Old code: run.json's stage path `/etc` became an allowed directory: /etc/passwd was readable."""
+    write_stage(small_run, "weights", pl.DataFrame({"prompt_idx": [0], "selected": [True]}))
+    _set_recorded_path(small_run, "verify", "/etc")
+    with pytest.raises(sqlview.SqlError, match="Permission Error"):
+        sqlview.run_sql(small_run, RUN, "SELECT * FROM read_csv('/etc/passwd')")
+    status = sqlview.run_sql(small_run, RUN, "SELECT status FROM run_stages WHERE stage = 'verify'").item()
+    assert "run.json: stage 'verify' round 1: path '/etc' is outside the data root" in status
+    assert sqlview.run_sql(small_run, RUN, "SELECT count(*) FROM weights").item() == 1
+    with pytest.raises(sqlview.SqlError, match="verdicts is unreadable: .*outside the data root") as err:
+        sqlview.run_sql(small_run, RUN, "SELECT * FROM verdicts")
+    assert "\n" not in str(err.value)
+
+
+def test_a_truncated_manifest_hides_only_its_own_table(small_run: Path) -> None:
+    """Old code: json.loads of the manifest raised while building the views: no table was queryable."""
+    write_stage(small_run, "weights", pl.DataFrame({"prompt_idx": [0], "selected": [True]}))
+    manifest = small_run / RUN / "weights" / "weights-r1" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:50])
+    assert sqlview.run_sql(small_run, RUN, "SELECT count(*) FROM verdicts").item() == 2
+    status = sqlview.run_sql(small_run, RUN, "SELECT status FROM run_stages WHERE stage = 'weights'").item()
+    assert (
+        status.startswith("unreadable: ") and "weights-r1/manifest.json is damaged (not valid JSON" in status
+    )
+    with pytest.raises(sqlview.SqlError, match="weights is unreadable: .*manifest.json is damaged") as err:
+        sqlview.run_sql(small_run, RUN, "SELECT * FROM weights")
+    assert "\n" not in str(err.value)
+    runs = dict(sqlview.list_runs(small_run))[RUN]
+    assert {r["stage"]: r["status"] for r in runs} == {"verify": "complete", "weights": "unreadable"}
+
+
+def test_a_shard_symlinked_outside_is_not_read(small_run: Path, tmp_path: Path) -> None:
+    """Old code: the listed shard, a symlink to a Parquet file outside the run, was read."""
+    outside = tmp_path / "secret.parquet"
+    pl.DataFrame({"prompt_idx": [42], "correct": [True]}).write_parquet(outside)
+    shard = small_run / RUN / "verify" / "verify-r1" / "part-00000.parquet"
+    shard.unlink()
+    shard.symlink_to(outside)
+    status = sqlview.run_sql(small_run, RUN, "SELECT status FROM run_stages WHERE stage = 'verify'").item()
+    assert "entry 'part-00000.parquet' is refused" in status and "symbolic link" in status
+    with pytest.raises(sqlview.SqlError, match="verdicts is unreadable"):
+        sqlview.run_sql(small_run, RUN, "SELECT * FROM verdicts")

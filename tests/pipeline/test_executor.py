@@ -203,7 +203,8 @@ def test_ray_task_runner_runs_tasks_in_ray_workers(tmp_path: Path) -> None:
         temporary_settings,
     )
 
-    from variational.pipeline.executor import check_shared_root, cluster_nodes, remote_options, unseen_nodes
+    from variational.pipeline.executor import check_shared_root, cluster_nodes, unseen_nodes
+    from variational.pipeline.orchestration import ray_remote_options as remote_options
 
     # Ray workers import functions by module name; tests/ is not on their path (the project's own task
     # bodies are, being installed), so this module's functions travel by value.

@@ -287,3 +287,142 @@ def test_verify_store_names_and_sets_aside_a_damaged_shard(
     CALLS.clear()
     _pipeline(cfg)
     assert CALLS["shard"] == 1  # only the damaged shard is recomputed
+
+
+# ---------------------------------------------------------------- issue 17: confinement, damage, read-only roots
+@pytest.fixture
+def victim(tmp_path: Path) -> Path:
+    path = tmp_path / "outside" / "victim.txt"
+    path.parent.mkdir()
+    path.write_text("precious")
+    return path
+
+
+def test_reuse_check_never_moves_a_file_outside_the_stage(tmp_path: Path, victim: Path) -> None:
+    """Old code: the manifest entry `../../../../outside/victim.txt` (wrong size) was set aside, i.e. the
+    file outside the data root was moved into the stage's .quarantine/."""
+    root = tmp_path / "data"
+    cfg = _cfg(root)
+    _, doubled = _pipeline(cfg)
+    path = root / doubled["path"] / "manifest.json"
+    forged = json.loads(path.read_text())
+    forged["files"].append({"file": "../../../../outside/victim.txt", "bytes": 1, "sha256": "0" * 64})
+    path.write_text(json.dumps(forged))
+    with pytest.raises(
+        store.UnsafePath, match=r"manifest.json: entry '\.\./\.\./\.\./\.\./outside/victim.txt'"
+    ):
+        _pipeline(cfg)
+    assert victim.read_text() == "precious" and not list(root.rglob(".quarantine"))
+
+
+def test_a_planted_lock_symlink_is_never_written_through(tmp_path: Path, victim: Path) -> None:
+    """Old code: reusing the stage opened `.lock` (a symlink to the victim) for writing, truncated the
+    victim and wrote the holder's pid into it."""
+    root = tmp_path / "data"
+    cfg = _cfg(root)
+    numbers, _ = _pipeline(cfg)
+    lock = root / numbers["path"] / ".lock"
+    lock.unlink()
+    lock.symlink_to(victim)
+    CALLS.clear()
+    _pipeline(cfg)  # a reuse opens no lock
+    assert CALLS == {} and victim.read_text() == "precious"
+    (root / numbers["path"] / "manifest.json").unlink()  # now it must be computed: the lock is refused
+    with pytest.raises(store.UnsafePath, match=r"\.lock is a symbolic link"):
+        _pipeline(cfg)
+    assert victim.read_text() == "precious"
+
+
+def test_a_truncated_manifest_is_set_aside_and_the_stage_refinished(tmp_path: Path) -> None:
+    """Old code: json.loads raised JSONDecodeError from the reuse check: the run died with a traceback."""
+    cfg = _cfg(tmp_path)
+    _, doubled = _pipeline(cfg)
+    path = tmp_path / doubled["path"] / "manifest.json"
+    path.write_text(path.read_text()[:30])
+    CALLS.clear()
+    _, again = _pipeline(cfg)
+    assert CALLS.get("shard", 0) == 0 and again["rows"] == 10  # the shards were whole: only the manifest
+    assert [p.name[:13] for p in (path.parent / store.QUARANTINE).iterdir()] == ["manifest.json"]
+
+
+def test_a_truncated_run_json_is_rewritten_by_the_next_flow_run(tmp_path: Path) -> None:
+    """What a rerun does with a damaged run.json: start_run writes a new one (nothing is read from the old)
+    and every finished stage is reused."""
+    cfg = _cfg(tmp_path)
+    runner.start_run(cfg)
+    _pipeline(cfg)
+    run_json = tmp_path / "toy" / "run.json"
+    run_json.write_text(run_json.read_text()[:25])
+    with pytest.raises(store.CorruptRecord, match="run.json is damaged .* rerun the flow"):
+        store.run_stages(tmp_path, "toy")
+    CALLS.clear()
+    runner.start_run(cfg)
+    _pipeline(cfg)
+    assert CALLS == {} and {e["1"]["computed"] for e in store.run_stages(tmp_path, "toy").values()} == {False}
+
+
+READ_ONLY_CHECKS = textwrap.dedent(
+    """
+    import contextlib, io, json, sys
+    sys.path[:0] = [sys.argv[2]]
+    import test_runner as toy
+    from variational.cli import main
+    from variational.pipeline import runner
+    root = sys.argv[1]
+    out = {}
+    cfg = toy._cfg(__import__("pathlib").Path(root))
+    runner.start_run(cfg)
+    toy._pipeline(cfg)
+    out["calls"] = toy.CALLS
+    for name, argv in {
+        "runs": ["runs"],
+        "sql": ["sql", "toy", "select sum(y) as s from rollouts"],
+        "report": ["report", "toy"],
+        "report_out": ["report", "toy", "--out", sys.argv[3]],
+        "verify": ["verify-store", "toy", "--dry-run"],
+    }.items():
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            rc = main([*argv, "--data-root", root])
+        out[name] = [rc, stdout.getvalue(), stderr.getvalue()]
+    try:
+        toy._pipeline(toy._cfg(__import__("pathlib").Path(root), K=11))  # a stage to compute
+    except Exception as err:
+        out["compute"] = [type(err).__name__, str(err)]
+    print(json.dumps(out))
+    """
+)
+
+
+def test_a_finished_root_on_a_read_only_mount_is_reused_and_read(tmp_path: Path) -> None:
+    """Issue 17 item 7. Old code: the reuse opened each stage's .lock for writing -> EROFS."""
+    from conftest import read_only_view
+
+    root, home = tmp_path / "data", tmp_path / "home"
+    cfg = _cfg(root)
+    runner.start_run(cfg)
+    _pipeline(cfg)
+    before = {str(p): p.stat().st_mtime_ns for p in root.rglob("*")}
+    env = {**os.environ, "VARIATIONAL_HOME": str(home)}
+    cmd = [
+        *read_only_view(root),
+        sys.executable,
+        "-c",
+        READ_ONLY_CHECKS,
+        str(root),
+        str(Path(__file__).parent),
+    ]
+    proc = subprocess.run([*cmd, str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["calls"] == {}, "a fully cached rerun computes nothing"
+    assert out["runs"][0] == 0 and "rollouts" in out["runs"][1] and "complete" in out["runs"][1]
+    assert out["sql"][0] == 0 and "90" in out["sql"][1]
+    assert out["report"][0] == 0, out["report"]
+    assert out["report"][1].strip() == str(home / "reports" / "toy" / "report.md")
+    assert out["report_out"][0] == 0 and (tmp_path / "out" / "report.md").exists()
+    assert (home / "reports" / "toy" / "report.md").exists()
+    assert out["verify"][0] == 0 and "rollouts           round 1: ok" in out["verify"][1]
+    assert out["compute"][0] == "ReadOnlyRoot" and "must be computed" in out["compute"][1]
+    assert "\n" not in out["compute"][1]
+    assert {str(p): p.stat().st_mtime_ns for p in root.rglob("*")} == before

@@ -1,4 +1,6 @@
-"""The run report: a run's tables -> <data_root>/<run>/report/report.md + PNG plots (+ a Prefect artifact).
+"""The run report: a run's tables -> <data_root>/<run>/report/report.md + PNG plots (+ a Prefect artifact);
+`--out DIR` elsewhere; $VARIATIONAL_HOME/reports/<run> on a read-only root; uploaded to <run>/report/ on
+object storage (`report_folder`).
 
 In:  the stage tables of one run (problems, posterior_samples, verdicts, weights, train, eval), opened
      through variational.analysis.sql (one DuckDB view per table); a table with a `round` column is read at its
@@ -23,8 +25,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from variational.analysis.metrics import MODELS, summarize, summary_markdown
-from variational.analysis.sql import connect
+from variational.analysis.sql import connect, unreadable_stages
 from variational.pipeline.orchestration import publish_markdown
+from variational.pipeline.records import check_name
+from variational.pipeline.storage import absolute_root, home, open_root
+from variational.pipeline.store import run_folder
 from variational.verifiers.answers import unsandboxed_warning
 
 # Columns each section needs; reading only these keeps logps / rollout texts out of memory.
@@ -42,16 +47,27 @@ COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3")
 # ---------------------------------------------------------------- reading
 
 
-def load_tables(con: duckdb.DuckDBPyConnection) -> dict[str, pl.DataFrame]:
+class Tables(dict[str, pl.DataFrame]):
+    """table -> frame, plus `unreadable`: table -> why its stage could not be read (damaged or unsafe), so a
+    section's missing-table note names the cause instead of "did not run"."""
+
+    def __init__(self, unreadable: dict[str, str] | None = None):
+        super().__init__()
+        self.unreadable = unreadable or {}
+
+
+def load_tables(con: duckdb.DuckDBPyConnection) -> Tables:
     """table -> frame with the COLUMNS it has, latest round only (the views union all rounds);
-    tables the run lacks are absent from the dict."""
-    out = {}
+    tables the run lacks are absent from the dict (`unreadable` says which of them are damaged)."""
+    out = Tables(unreadable_stages(con))
     for table, cols in COLUMNS.items():
         try:
             have = [r[0] for r in con.execute(f'DESCRIBE "{table}"').fetchall()]
         except duckdb.CatalogException:  # no such view: the stage did not run
             continue
         sel = ", ".join(f'"{c}"' for c in [*cols, "round"] if c in have)
+        if not any(c in have for c in cols):  # not the table the report knows (another recipe's stage)
+            continue
         latest = f' WHERE "round" = (SELECT max("round") FROM "{table}")' if "round" in have else ""
         out[table] = con.sql(f'SELECT {sel} FROM "{table}"{latest}').pl()
     return out
@@ -81,7 +97,11 @@ def source_group(col: str = "source") -> pl.Expr:
     return pl.col(col).fill_null("unknown").str.split("/").list.first().alias("source")
 
 
-def _missing(table: str, why: str = "the stage did not run or is disabled") -> str:
+def _missing(
+    t: dict[str, pl.DataFrame], table: str, why: str = "the stage did not run or is disabled"
+) -> str:
+    if table in getattr(t, "unreadable", {}):
+        why = f"its stage is {t.unreadable[table]}"  # type: ignore[attr-defined]
     return f"_No `{table}` table in this run ({why})._\n"
 
 
@@ -119,7 +139,7 @@ def weight_stats(weights: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, pl.
 
 def section_weights(t: dict[str, pl.DataFrame], out: Path) -> str:
     if "weights" not in t:
-        return _missing("weights")
+        return _missing(t, "weights")
     stats, per_q, w = weight_stats(t["weights"])
     fig = Figure(figsize=(11, 4))
     ax1, ax2 = fig.subplots(1, 2)
@@ -149,7 +169,7 @@ def section_weights(t: dict[str, pl.DataFrame], out: Path) -> str:
 
 def section_accuracy(t: dict[str, pl.DataFrame], out: Path) -> str:
     if "verdicts" not in t:
-        return _missing("verdicts")
+        return _missing(t, "verdicts")
     v = t["verdicts"]
     if "problems" in t:
         v = v.join(
@@ -204,7 +224,7 @@ def _think_chars(t: dict[str, pl.DataFrame]) -> pl.DataFrame:
 def section_think_length(t: dict[str, pl.DataFrame], out: Path) -> str:
     lengths = _think_chars(t)
     if lengths.is_empty():
-        return _missing("posterior_samples")
+        return _missing(t, "posterior_samples")
     stats = (
         lengths.group_by("who")
         .agg(
@@ -265,7 +285,7 @@ def leak_flags(thinks: pl.DataFrame, think_col: str) -> pl.DataFrame:
 
 def section_leakage(t: dict[str, pl.DataFrame], out: Path) -> str:
     if "posterior_samples" not in t or "problems" not in t:
-        return _missing("posterior_samples" if "problems" in t else "problems")
+        return _missing(t, "posterior_samples" if "problems" in t else "problems")
     probs = t["problems"].select("prompt_idx", source_group(), "gold", "think_ref")
     samples = (
         t["posterior_samples"]
@@ -311,7 +331,7 @@ def origin_label(origin: int) -> str:
 
 def section_selection(t: dict[str, pl.DataFrame], out: Path) -> str:
     if "train" not in t:
-        return _missing("train")
+        return _missing(t, "train")
     counts = (
         t["train"]
         .group_by("origin")
@@ -336,7 +356,7 @@ def section_selection(t: dict[str, pl.DataFrame], out: Path) -> str:
 
 def section_eval(t: dict[str, pl.DataFrame], out: Path) -> str:
     if "eval" not in t:
-        return _missing("eval", "evaluation disabled or not run")
+        return _missing(t, "eval", "evaluation disabled or not run")
     summary = summarize(t["eval"])
     if summary.is_empty():
         return "_The `eval` table is empty._\n"
@@ -372,22 +392,39 @@ SECTIONS: list[tuple[str, Callable[[dict[str, pl.DataFrame], Path], str]]] = [
 ]
 
 
-def write_report(data_root: str | Path, run: str, out_dir: str | Path | None = None) -> Path:
-    """Write <data_root>/<run>/report/report.md (or <out_dir>/report.md) and its PNGs; returns the md path."""
-    out = Path(out_dir) if out_dir is not None else Path(data_root) / run / "report"
-    out.mkdir(parents=True, exist_ok=True)
+def report_folder(data_root: str | Path, run: str, out_dir: str | Path | None = None) -> Path:
+    """Where the report is rendered: `out_dir` if given, else <data_root>/<run>/report on a writable local
+    root, else (a read-only mount; object storage, where it is uploaded after) $VARIATIONAL_HOME/reports/<run>."""
+    if out_dir is not None:
+        return Path(out_dir)
+    root = open_root(data_root)
+    if root.local and root.writable():
+        return Path(run_folder(data_root, run)) / "report"
+    return home() / "reports" / check_name(run, "run")
+
+
+def write_report(data_root: str | Path, run: str, out_dir: str | Path | None = None) -> Path | str:
+    """Write report.md and its PNGs into `report_folder` (on object storage, then upload them to
+    <run>/report/); returns where report.md is: a path, or its URL."""
     con = connect(data_root, run)
+    out = report_folder(data_root, run, out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     tables = load_tables(con)
     stages = con.sql("SELECT stage, table_name, round, status, rows, fingerprint FROM run_stages").pl()
     parts = [
         f"# Run report: {run}\n",
-        f"Data root `{Path(data_root).resolve()}`; plots are PNGs in `{out}`.\n",
+        f"Data root `{absolute_root(data_root)}`; plots are PNGs in `{out}`.\n",
     ]
     parts.append("## Stages\n\n" + md_table(stages))
     for title, fn in SECTIONS:
         parts.append(f"## {title}\n\n{fn(tables, out)}")
     path = out / "report.md"
     path.write_text("\n".join(parts))
+    root = open_root(data_root)
+    if out_dir is None and not root.local and root.writable():
+        for f in sorted(out.iterdir()):
+            root.put_file(f, f"{run}/report/{f.name}")
+        return root.full(f"{run}/report/report.md")
     return path
 
 
@@ -407,7 +444,7 @@ def artifact_markdown(path: str | Path) -> tuple[str, str]:
 
 def write_and_publish(cfg: dict) -> str:
     """The flow's report step: write the run's report and publish it as a Prefect markdown artifact."""
-    path = write_report(cfg["data_root"], cfg["name"])
-    key, text = artifact_markdown(path)
+    where = write_report(cfg["data_root"], cfg["name"])
+    key, text = artifact_markdown(report_folder(cfg["data_root"], cfg["name"]) / "report.md")
     publish_markdown(key, text, "run report")
-    return str(path)
+    return str(where)

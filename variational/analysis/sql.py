@@ -15,13 +15,20 @@ extensions, no settings change. Errors are `SqlError`, one line.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import duckdb
 import polars as pl
 
-from variational.pipeline.store import recorded_stages, run_names, unrecorded_folders
+from variational.pipeline.storage import open_root
+from variational.pipeline.store import (
+    CorruptRecord,
+    recorded_stages,
+    run_folder,
+    run_names,
+    unrecorded_folders,
+)
 from variational.registry import OLD_STAGE_NAMES
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
@@ -57,17 +64,22 @@ def _files_sql(files: list[Path]) -> str:
 def connect(data_root: str | Path, run: str) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with one view per stage table of `run` and the `run_stages` overview, locked so
     that queries read only the run's folders (see `_lock_down`)."""
-    data_root = Path(data_root)
     con = duckdb.connect()
-    readable = [data_root / run]
+    con.execute("SET autoinstall_known_extensions = false")  # before any read: s3:// never loads httpfs
+    con.execute("SET autoload_known_extensions = false")
+    open_root(data_root).register_duckdb(con)  # object storage: read through our fsspec filesystem
+    readable = [run_folder(data_root, run)]
     meta: list[dict[str, Any]] = []
-    sides: dict[str, Path] = {}  # side tables: eval_summary, problems_rejects
+    sides: dict[str, Path | str] = {}  # side tables: eval_summary, problems_rejects
     parts: dict[str, list[tuple[int, str]]] = {}
     for rec in recorded_stages(data_root, run):
         table = TABLE_OF.get(rec.stage, rec.stage)
-        readable.append(rec.folder)
-        sides.update({f"{table}_{p.stem}": p for p in rec.sides})
         parquet_rows, status = None, "complete" if rec.complete else "missing"
+        if rec.problem:  # a damaged or unsafe record: named here, nothing of it read, the others go on
+            status = f"unreadable: {rec.problem}"
+        else:
+            readable.append(rec.folder)
+            sides.update({f"{table}_{PurePosixPath(str(p)).stem}": p for p in rec.sides})
         if rec.parts:
             scan = f"read_parquet({_files_sql(rec.parts)}, union_by_name=true)"
             try:
@@ -84,7 +96,7 @@ def connect(data_root: str | Path, run: str) -> duckdb.DuckDBPyConnection:
                 "rows": rec.entry.get("rows"),
                 "parquet_rows": parquet_rows,
                 "shards": len(rec.parts),
-                "fingerprint": rec.entry["fingerprint"],
+                "fingerprint": str(rec.entry.get("fingerprint")),
                 "wall_time_s": rec.entry.get("wall_time_s"),
                 "path": str(rec.folder),
             }
@@ -99,14 +111,13 @@ def connect(data_root: str | Path, run: str) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _lock_down(con: duckdb.DuckDBPyConnection, readable: list[Path]) -> None:
-    """No file access but reading the run's folders, no extensions, and no way to change that back.
+def _lock_down(con: duckdb.DuckDBPyConnection, readable: list[Path | str]) -> None:
+    """No file access but reading the run's folders (paths, or URLs on object storage), no extensions, and
+    no way to change that back.
 
     `allowed_directories` lets DuckDB write there too (COPY TO, ATTACH), which is why `run_sql` also
     refuses every statement that is not a SELECT."""
-    dirs = sorted({str(d.resolve()).rstrip("/") + "/" for d in readable})  # the slash: not `run2/` too
-    con.execute("SET autoinstall_known_extensions = false")
-    con.execute("SET autoload_known_extensions = false")
+    dirs = sorted({str(d.resolve() if isinstance(d, Path) else d).rstrip("/") + "/" for d in readable})
     con.execute(f"SET allowed_directories = [{', '.join(_sql_string(d) for d in dirs)}]")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
@@ -192,7 +203,7 @@ def run_sql(data_root: str | Path, run: str, query: str) -> pl.DataFrame:
         tables = sorted({r[0] for r in views} | {META_VIEW})
         raise SqlError(
             f"{_one_line(err)} (run {run!r} has the tables {tables}; a missing table means its stage "
-            "has not run yet)"
+            f"has not run yet{_unreadable_note(con)})"
         ) from None
     except duckdb.PermissionException as err:
         raise SqlError(f"{_one_line(err)} (variational sql reads only the files of run {run!r})") from None
@@ -202,22 +213,43 @@ def run_sql(data_root: str | Path, run: str, query: str) -> pl.DataFrame:
         con.close()
 
 
+def unreadable_stages(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """table -> why its stage cannot be read (damaged or unsafe), from `run_stages`."""
+    rows = con.execute(
+        f"SELECT stage, status FROM {META_VIEW} WHERE table_name IS NULL AND status LIKE 'unreadable%'"
+    ).fetchall()
+    return {TABLE_OF.get(stage, stage): status for stage, status in rows}
+
+
+def _unreadable_note(con: duckdb.DuckDBPyConnection) -> str:
+    bad = unreadable_stages(con)
+    return "".join(f"; {table} is {why}" for table, why in sorted(bad.items()))
+
+
 def list_runs(data_root: str | Path) -> list[tuple[str, list[dict[str, Any]]]]:
     """(run, [{stage, round, status, rows, fingerprint}]) for every run under data_root.
 
-    status: complete (manifest present), missing (recorded but its folder is gone), or incomplete (a stage
-    folder without manifest that run.json does not point at: running now, or crashed before finishing)."""
+    status: complete (manifest present), missing (recorded but its folder is gone), incomplete (a stage
+    folder without manifest that run.json does not point at: running now, or crashed before finishing), or
+    unreadable (a damaged or unsafe record: why). A run whose run.json is damaged has one row saying so."""
     out = []
     for run in run_names(data_root):
+        try:
+            records = recorded_stages(data_root, run)
+        except CorruptRecord as err:
+            out.append((run, [{"stage": "run.json", "round": None, "status": "damaged", "rows": None,
+                               "fingerprint": "", "problem": str(err)}]))  # fmt: skip
+            continue
         rows = [
             {
                 "stage": rec.stage,
                 "round": rec.round,
-                "status": "complete" if rec.complete else "missing",
+                "status": "unreadable" if rec.problem else "complete" if rec.complete else "missing",
                 "rows": rec.entry.get("rows"),
-                "fingerprint": rec.entry["fingerprint"],
+                "fingerprint": str(rec.entry.get("fingerprint")),
+                "problem": rec.problem,
             }
-            for rec in recorded_stages(data_root, run)
+            for rec in records
         ]
         rows += [
             {
@@ -226,6 +258,7 @@ def list_runs(data_root: str | Path) -> list[tuple[str, list[dict[str, Any]]]]:
                 "status": f"incomplete ({n} shards)",
                 "rows": None,
                 "fingerprint": fp,
+                "problem": None,
             }
             for stage, fp, n in unrecorded_folders(data_root, run)
         ]
@@ -242,4 +275,6 @@ def format_runs(runs: list[tuple[str, list[dict[str, Any]]]]) -> str:
             r = "" if s["round"] is None else f" [round {s['round']}]"
             rows = "" if s["rows"] is None else f"{s['rows']} rows"
             lines.append(f"  {s['stage'] + r:<28} {s['status']:<22} {rows:<14} {s['fingerprint']}")
+            if s.get("problem"):
+                lines.append(f"    {s['problem']}")
     return "\n".join(lines)

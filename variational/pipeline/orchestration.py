@@ -124,9 +124,12 @@ def ray_remote_options(**options: Any) -> Iterator[None]:
 def prefect_env(data_root: str) -> None:
     """Defaults for a run's Prefect: no analytics, time for a first database migration, results (unused by
     our tasks) beside the tables. A variable the user set wins."""
-    os.environ.setdefault(
-        "PREFECT_LOCAL_STORAGE_PATH", str(Path(data_root).resolve() / ".prefect" / "results")
-    )
+    from variational.pipeline.storage import home, is_url, open_root
+
+    # beside the tables when they are a writable folder; else (object storage, a read-only mount) local
+    local = not is_url(data_root) and open_root(data_root).writable()
+    results = Path(data_root).resolve() / ".prefect" / "results" if local else home() / "prefect" / "results"
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(results))
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here; avoids log noise
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "variational")  # engine logs reach the task runs

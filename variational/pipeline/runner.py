@@ -19,7 +19,6 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -30,7 +29,8 @@ from variational.pipeline import orchestration
 from variational.pipeline.fingerprint import stage_fingerprint
 from variational.pipeline.orchestration import logger
 from variational.pipeline.stage import Engine, Inputs, Output, Ref, Stage
-from variational.pipeline.store import DamagedStage, StageStore, begin_run, record_stage
+from variational.pipeline.storage import absolute_root, is_url, open_root
+from variational.pipeline.store import DamagedStage, StageStore, begin_run, record_stage, writable
 
 
 # ================================================================ running one stage
@@ -46,15 +46,14 @@ def run_stage(stage: Stage, cfg: dict, refs: dict[str, Ref], round_: int = 1) ->
         return {"stage": stage.name, "fingerprint": fp, "model_dir": model_dir}
     store = StageStore(conf.data_root, conf.name, stage.name, fp)
     log = logger()
-    with store.lock():
-        if store.manifest_path.exists() and (bad := store.problems()):
+    if (manifest := store.reusable()) is not None:  # reading only: no lock, so a read-only root reuses too
+        return _reuse(conf, store, manifest)
+    with store.lock():  # taken only to write
+        if store.has_manifest() and (bad := store.problems()):
             moved = store.set_aside(bad)
             log.warning("%s: damaged (%s); set aside %s, recomputing", stage.name, "; ".join(bad), moved)
-        if store.is_complete():
-            manifest = store.manifest()
-            record_stage(conf.data_root, conf.name, manifest, computed=False)
-            log.info("%s: reusing finished stage %s (%s rows)", stage.name, store.fp, manifest["rows"])
-            return manifest
+        if (manifest := store.reusable()) is not None:  # another run finished it meanwhile
+            return _reuse(conf, store, manifest)
         if stage.verify_inputs:
             check_inputs(conf, refs, stage)
         manifest = _compute(stage, inputs, store)
@@ -68,6 +67,13 @@ def run_stage(stage: Stage, cfg: dict, refs: dict[str, Ref], round_: int = 1) ->
         store.dir,
     )
     publish(stage.name, manifest)
+    return manifest
+
+
+def _reuse(conf: RunConfig, store: StageStore, manifest: Ref) -> Ref:
+    if writable(conf.data_root):  # a finished root on a read-only mount is reused as it is
+        record_stage(conf.data_root, conf.name, manifest, computed=False)
+    logger().info("%s: reusing finished stage %s (%s rows)", store.stage, store.fp, manifest["rows"])
     return manifest
 
 
@@ -291,13 +297,17 @@ def start_run(config: str | dict, overrides: list[str] | None = None) -> dict:
     if _TRACE.get() is not None:
         return conf.model_dump(mode="json")
     shutdown.install()  # Prefect's flow engine installs its own SIGTERM handler: ours must win (issue #12)
-    conf.data_root = str(Path(conf.data_root).resolve())
-    if conf.executor.kind == "ray":  # every node must see the data root (a shared filesystem)
+    conf.data_root = absolute_root(conf.data_root)  # a URL stays a URL (never a local folder `s3:`)
+    open_root(conf.data_root)  # an unknown scheme, a missing package or credentials: one line, now
+    if conf.executor.kind == "ray" and not is_url(conf.data_root):  # every node must see the data root
         from variational.pipeline.executor import check_shared_root
 
         check_shared_root(conf.data_root)
     cfg = conf.model_dump(mode="json")
-    begin_run(conf.data_root, conf.name, cfg)
+    if writable(conf.data_root):
+        begin_run(conf.data_root, conf.name, cfg)
+    else:  # a finished root on a read-only mount: every stage must be reused (a compute stops, one line)
+        logger().warning("data root %s is read-only: run.json is left as it is", conf.data_root)
     return cfg
 
 

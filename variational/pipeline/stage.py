@@ -21,8 +21,10 @@ from typing import Any, cast
 import polars as pl
 
 from variational.config import RunConfig
+from variational.pipeline.modelfiles import model_folder
 from variational.pipeline.orchestration import logger
-from variational.pipeline.store import read_stage, resolve
+from variational.pipeline.storage import is_url
+from variational.pipeline.store import read_stage
 
 __all__ = ["Engine", "Inputs", "Output", "Ref", "Stage", "logger"]
 
@@ -101,7 +103,7 @@ class Inputs:
         allowed = set(stage.fields) | set(stage.uses) | {"data_root", "name"}
         # typed as the schema for readers and checkers; at run time a view that refuses undeclared fields
         self.conf: RunConfig = cast(RunConfig, ConfigView(conf, allowed))
-        self.data_root = Path(conf.data_root)
+        self.data_root: Path | str = conf.data_root if is_url(conf.data_root) else Path(conf.data_root)
 
     def has(self, name: str) -> bool:
         return name in self.refs
@@ -110,7 +112,8 @@ class Inputs:
         return read_stage(self.data_root, self.refs[name], columns)
 
     def model_dir(self, name: str) -> str:
-        return str(resolve(self.data_root, self.refs[name]["model_dir"]))
+        """The local folder of an upstream model (on object storage: this machine's cached copy)."""
+        return model_folder(self.data_root, self.refs[name])
 
     def model_id(self, name: str) -> str:
         ref = self.refs[name]

