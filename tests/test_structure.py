@@ -213,3 +213,9 @@ def test_every_declared_field_exists() -> None:
         fields_for(conf, stage.fields + stage.uses)  # raises KeyError naming a bad path
         # where shards run never changes what they hold (per-request seeds): no fingerprint reads it
         assert not [f for f in stage.fields if f.split(".")[0] == "executor"], stage.name
+
+
+def test_test_files_have_unique_names() -> None:
+    """pytest imports test files by basename (no __init__.py): two test_x.py in two folders collide."""
+    names = [p.name for p in (REPO / "tests").rglob("test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []

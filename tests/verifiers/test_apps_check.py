@@ -20,8 +20,8 @@ from variational.verifiers.apps_check import (
     stdin_output_matches,
 )
 from variational.verifiers.harness import official_wrap
-from variational.verifiers.records import decode_value as decode
-from variational.verifiers.records import encode_value as encode
+from variational.verifiers.protocol import decode_value as decode
+from variational.verifiers.protocol import encode_value as encode
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 APPS_FILE = DATA / "apps_taco_problems.jsonl"  # absent in a worktree without ../shared: the rows skip

@@ -12,7 +12,7 @@ import pytest
 
 from variational.verifiers import apps_check, sandbox
 from variational.verifiers.apps_check import judge, parse_tests
-from variational.verifiers.records import result_record
+from variational.verifiers.protocol import result_record
 
 JAIL_MODES = [m for m in ("root", "userns") if sandbox.probe(m) is None]  # PID 1 of a namespace
 ADD = json.dumps({"inputs": ["1 2\n", "5 7\n", "2 2\n"], "outputs": ["3\n", "12\n", "4\n"]})

@@ -34,7 +34,7 @@ GRADING_CODE = (
     "variational.verifiers.math_rules",
     "variational.verifiers.apps_check",
     "variational.verifiers.harness",
-    "variational.verifiers.records",
+    "variational.verifiers.protocol",
     "variational.verifiers.sandbox",
 )
 

@@ -9,7 +9,7 @@ Out: `Verdict(status, correct, code, detail)`; status is ok / wrong / timeout / 
 
 The trusted side decides every verdict. The program runs in variational/verifiers/sandbox.py through the
 harness variational/verifiers/harness.py, which only runs it; the expected outputs never enter the jail.
-From the jail this module accepts only the records of variational/verifiers/records.py, each parsed
+From the jail this module accepts only the records of variational/verifiers/protocol.py, each parsed
 strictly and in its turn: start, then per test index one output (stdin) or return value (call) or how the
 program failed, then done, then nothing. It compares each output HERE. Anything else (another event or
 status, a duplicate, skipped or out-of-range index, an extra line, a malformed or oversized record, a
@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from variational.verifiers import sandbox
-from variational.verifiers.records import Opaque, ProtocolError, decode_value, parse_record
+from variational.verifiers.protocol import Opaque, ProtocolError, decode_value, parse_record
 
 log = logging.getLogger("variational")
 # a fence line: ``` + language + anything up to the end of the line; the body runs to the next ```
@@ -61,9 +61,9 @@ GRACE_S = 5.0  # past the harness's own per-test deadline (timeout_s + 2 s): the
 
 @functools.cache
 def jail_program() -> str:
-    """The source run inside the jail: records.py (the format the harness writes), then the harness."""
+    """The source run inside the jail: protocol.py (the format the harness writes), then the harness."""
     here = Path(__file__).parent
-    return (here / "records.py").read_text() + "\n\n" + (here / "harness.py").read_text()
+    return (here / "protocol.py").read_text() + "\n\n" + (here / "harness.py").read_text()
 
 
 def last_code_block(text: str | None, official: bool = False) -> str | None:
@@ -173,7 +173,7 @@ def stdin_output_matches(printed: str, expected: Any) -> bool:
         return False
 
 
-decode = decode_value  # a return value as the harness encoded it (records.encode_value) -> the Python value
+decode = decode_value  # a return value as the harness encoded it (protocol.encode_value) -> the Python value
 _Opaque = Opaque
 
 

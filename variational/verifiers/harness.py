@@ -3,7 +3,7 @@
 In (stdin, one JSON object): kind ("stdin" | "call"), code, fn_name, inputs (stdin: one text per test; call:
 one argument list per test), timeout_s (per test), official_wrapping (stdin programs run the way the
 official checker runs them: wrapped in `def code()`, in a module not named __main__).
-Out (stdout): the records of variational/verifiers/records.py, one JSON line each: start, then
+Out (stdout): the records of variational/verifiers/protocol.py, one JSON line each: start, then
 compile_error or one test record per test in turn (what it printed or returned, or how it failed), or
 invalid, then done. Nothing here judges: the expected outputs never enter the sandbox, and the trusted side
 (apps_check.py) checks every record and compares the outputs itself.
@@ -21,7 +21,7 @@ program cannot signal it; it kills every other process of the namespace after ea
 only PID 1), so nothing a test started outlives it; it is not dumpable, so it cannot be ptraced and its
 /proc/1/fd cannot be opened.
 Standard library only (numpy for the official import prelude when installed and named by the program): it
-is passed to `python -c`, after records.py's code, because the project tree is not visible inside the jail.
+is passed to `python -c`, after protocol.py's code, because the project tree is not visible inside the jail.
 """
 
 import contextlib
@@ -40,8 +40,8 @@ import time
 import traceback
 import types
 
-if "parse_record" not in globals():  # imported (tests); in the jail records.py's code runs ahead of ours
-    from variational.verifiers.records import (
+if "parse_record" not in globals():  # imported (tests); in the jail protocol.py's code runs ahead of ours
+    from variational.verifiers.protocol import (
         MAX_ERROR_CHARS,
         MAX_OUTPUT_BYTES,
         MAX_RECORD_BYTES,

@@ -48,7 +48,7 @@ from pathlib import Path
 
 from variational.config import ConfigError
 from variational.registry import CODE_SANDBOXES
-from variational.verifiers.records import LineReader
+from variational.verifiers.protocol import LineReader
 
 MODES = ("root", "userns", "none")  # what a jail is; the settings (CODE_SANDBOXES) add "auto"
 UID_BASE = 1_900_000_000  # far above login users and the usual /etc/subuid ranges
@@ -219,7 +219,7 @@ class Jail:
 
     def read_line(self, deadline: float) -> bytes | None:
         """The harness's next stdout line; None when it closed its stdout, or `deadline` (time.monotonic)
-        passed first (then `timed_out`). A line past records.MAX_RECORD_BYTES comes back cut, and ends."""
+        passed first (then `timed_out`). A line past protocol.MAX_RECORD_BYTES comes back cut, and ends."""
         return self._reader.next(deadline)
 
     @property

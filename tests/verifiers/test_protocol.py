@@ -1,4 +1,4 @@
-"""variational/verifiers/records.py: the only shapes the trusted side accepts from the code jail, parsed
+"""variational/verifiers/protocol.py: the only shapes the trusted side accepts from the code jail, parsed
 strictly, and the bounded linear line reader. Pure functions and a pipe: no sandbox, milliseconds."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from variational.verifiers.records import (
+from variational.verifiers.protocol import (
     MAX_OUTPUT_BYTES,
     MAX_RECORD_BYTES,
     LineReader,
