@@ -18,7 +18,8 @@ from tasks.select import select
 from variational import templates
 from variational.analysis.metrics import summarize
 from variational.config import load_config
-from variational.pipeline.store import StageStore, begin_run, record_stage
+from variational.pipeline.runs import begin_run, record_stage
+from variational.pipeline.store import StageStore
 
 RUN = "toy"
 END = templates.END_SOLUTION

@@ -84,7 +84,7 @@ def main(root: Path, stages: Any) -> int:
     from variational import shutdown
     from variational.pipeline import orchestration
     from variational.pipeline.orchestration import task_runner
-    from variational.pipeline.store import begin_run
+    from variational.pipeline.runs import begin_run
 
     cfg = config(root)
     shutdown.install()

@@ -10,7 +10,8 @@ import pytest
 from conftest import free_port
 
 from variational.cli import build_parser, main
-from variational.pipeline.store import StageStore, record_stage
+from variational.pipeline.runs import record_stage
+from variational.pipeline.store import StageStore
 
 
 def test_parser_has_the_subcommands() -> None:

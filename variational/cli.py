@@ -60,7 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return shutdown.exit_code(err)
-    from variational.pipeline.store import run_folder
+    from variational.pipeline.runs import run_folder
 
     print(f"run {conf.name!r} finished; tables under {run_folder(conf.data_root, conf.name)}")
     if result.get("report"):
@@ -129,7 +129,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_verify_store(args: argparse.Namespace) -> int:
     """Hash-check every file of a run against its manifests; set aside what is damaged (exit 1). A stage
     whose manifest or record points outside its folder is named and left alone (nothing read or moved)."""
-    from variational.pipeline.store import verify_run
+    from variational.pipeline.runs import verify_run
 
     results = verify_run(args.data_root, args.run, set_aside=not args.dry_run)
     for stage, round_, bad, _ in results:
@@ -200,7 +200,7 @@ def _dag_steps(data_root: str, run: str) -> list | None:
     import json
 
     from variational.analysis.export import Step
-    from variational.pipeline.store import run_json
+    from variational.pipeline.runs import run_json
 
     path = run_json(data_root, run)
     if not path.is_file():

@@ -21,7 +21,8 @@ from hubserver import HubServer
 
 from variational.analysis.export import ExportError, Request, copy_model, export, plain_type
 from variational.cli import _dag_steps, main
-from variational.pipeline.store import DamagedStage, read_stage, run_stages
+from variational.pipeline.runs import run_stages
+from variational.pipeline.store import DamagedStage, read_stage
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = exportrun.RUN

@@ -10,7 +10,8 @@ import pytest
 
 from variational.analysis import report
 from variational.pipeline.orchestration import publish_markdown
-from variational.pipeline.store import StageStore, record_stage
+from variational.pipeline.runs import record_stage
+from variational.pipeline.store import StageStore
 
 RUN = "toy"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -13,7 +13,8 @@ import pytest
 
 from tasks.ingest import ingest, load_raw
 from variational.analysis import sql as sqlview
-from variational.pipeline.store import StageStore, record_stage, run_stages
+from variational.pipeline.runs import record_stage, run_stages
+from variational.pipeline.store import StageStore
 
 RUN = "sqltest"
 

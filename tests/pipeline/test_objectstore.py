@@ -16,7 +16,7 @@ import pytest
 
 from variational.analysis import sql as sqlview
 from variational.config import parse_config
-from variational.pipeline import objectstore, runner, store
+from variational.pipeline import objectstore, runner, runs, store
 from variational.pipeline.objectstore import Lease, open_object_root, stale
 from variational.pipeline.stage import Engine, Inputs, Stage
 from variational.pipeline.storage import LockHeld, StoreError, UnsafePath, open_root
@@ -245,7 +245,7 @@ def test_the_toy_flow_on_s3_computes_then_reuses_everything(
     CALLS.clear()
     toy_flow(s3_root)
     assert CALLS == {}, "a rerun on the same prefix computes nothing"
-    assert {e["1"]["computed"] for e in store.run_stages(s3_root, "toy").values()} == {False}
+    assert {e["1"]["computed"] for e in runs.run_stages(s3_root, "toy").values()} == {False}
     assert sorted(p.name for p in cwd.iterdir()) == [], "nothing local (no folder named `s3:`)"
 
 
@@ -417,7 +417,7 @@ def test_another_fsspec_scheme_is_read_and_refuses_to_compute(
     assert main(["sql", "toy", "select sum(y) as s from rollouts", "--data-root", url]) == 0
     assert "│ 90 " in capsys.readouterr().out
     assert main(["verify-store", "toy", "--dry-run", "--data-root", url]) == 0
-    fs.rm_file(f"{url}/toy/eval/{store.run_stages(url, 'toy')['eval']['1']['fingerprint']}/manifest.json")
+    fs.rm_file(f"{url}/toy/eval/{runs.run_stages(url, 'toy')['eval']['1']['fingerprint']}/manifest.json")
     with pytest.raises(store.ReadOnlyRoot, match="memory:// data roots are read here") as err:
         toy_flow(url)
     assert "\n" not in str(err.value)

@@ -17,7 +17,7 @@ import polars as pl
 import pytest
 
 from variational.config import parse_config
-from variational.pipeline import runner, store
+from variational.pipeline import runner, runs, store
 from variational.pipeline.runner import run_stage
 from variational.pipeline.stage import Engine, Inputs, Output, Stage
 
@@ -90,7 +90,7 @@ def _reset() -> None:
 
 def test_compute_then_reuse_recomputes_nothing(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
-    store.begin_run(tmp_path, "toy", cfg)
+    runs.begin_run(tmp_path, "toy", cfg)
     numbers, doubled = _pipeline(cfg)
     assert CALLS == {"numbers": 1, "shard": 4, "engine": 1, "engine_closed": 1}  # 10 rows / 3 per shard
     assert doubled["rows"] == 10 and doubled["shards"] == 4 and doubled["summary"] == "10 rows"
@@ -100,7 +100,7 @@ def test_compute_then_reuse_recomputes_nothing(tmp_path: Path) -> None:
     _pipeline(cfg)
     assert CALLS == {}, "a second run must compute nothing and open no engine"
     assert _mtimes(tmp_path) == before
-    stages = store.run_stages(tmp_path, "toy")
+    stages = runs.run_stages(tmp_path, "toy")
     assert stages["rollouts"]["1"]["computed"] is False
     table = store.read_stage(tmp_path, doubled)
     assert table["y"].to_list() == [2 * x for x in range(10)]
@@ -216,7 +216,7 @@ def test_undeclared_config_field_is_refused(tmp_path: Path) -> None:
 def test_moved_data_root_reuses_everything(tmp_path: Path) -> None:
     old, new = tmp_path / "old", tmp_path / "new"
     cfg = _cfg(old)
-    store.begin_run(old, "toy", cfg)
+    runs.begin_run(old, "toy", cfg)
     _pipeline(cfg)
     shutil.copytree(old, new)
     os.chmod(old, 0)  # the original is unreadable: nothing may be read from there
@@ -225,7 +225,7 @@ def test_moved_data_root_reuses_everything(tmp_path: Path) -> None:
         _, doubled = _pipeline(_cfg(new))
         assert CALLS == {}
         assert store.read_stage(new, doubled)["y"].sum() == 90
-        assert all(not Path(e["1"]["path"]).is_absolute() for e in store.run_stages(new, "toy").values())
+        assert all(not Path(e["1"]["path"]).is_absolute() for e in runs.run_stages(new, "toy").values())
     finally:
         os.chmod(old, 0o755)
 
@@ -270,7 +270,7 @@ def test_verify_store_names_and_sets_aside_a_damaged_shard(
     from variational.cli import main
 
     cfg = _cfg(tmp_path)
-    store.begin_run(tmp_path, "toy", cfg)
+    runs.begin_run(tmp_path, "toy", cfg)
     _, doubled = _pipeline(cfg)
     assert main(["verify-store", "toy", "--data-root", str(tmp_path)]) == 0
     assert "rollouts           round 1: ok" in capsys.readouterr().out
@@ -354,11 +354,11 @@ def test_a_truncated_run_json_is_rewritten_by_the_next_flow_run(tmp_path: Path) 
     run_json = tmp_path / "toy" / "run.json"
     run_json.write_text(run_json.read_text()[:25])
     with pytest.raises(store.CorruptRecord, match="run.json is damaged .* rerun the flow"):
-        store.run_stages(tmp_path, "toy")
+        runs.run_stages(tmp_path, "toy")
     CALLS.clear()
     runner.start_run(cfg)
     _pipeline(cfg)
-    assert CALLS == {} and {e["1"]["computed"] for e in store.run_stages(tmp_path, "toy").values()} == {False}
+    assert CALLS == {} and {e["1"]["computed"] for e in runs.run_stages(tmp_path, "toy").values()} == {False}
 
 
 READ_ONLY_CHECKS = textwrap.dedent(

@@ -17,6 +17,7 @@ is never published (`variational verify-store` sets it aside; rerun the flow).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import math
@@ -37,7 +38,8 @@ from variational.analysis import cards
 from variational.analysis.formats import FORMATS, format_train
 from variational.analysis.metrics import summarize, summary_markdown
 from variational.analysis.report import origin_label, source_group, weight_stats
-from variational.pipeline.store import DamagedStage, StageRecord, StageStore, read_files, recorded_stages
+from variational.pipeline.runs import StageRecord, read_record, recorded_stages
+from variational.pipeline.store import DamagedStage, StageStore
 
 FILE_BYTES = 256 << 20  # in memory per data file: the Hub's viewer and `datasets` stream files this size well
 ROW_GROUP_BYTES = 64 << 20
@@ -189,14 +191,11 @@ def eval_markdown(records: list[StageRecord]) -> str | None:
     record = _latest(records, "eval")
     if record is None:
         return None
-    summary_files = [p for p in record.sides if p.stem == "summary"]
-    if summary_files:
-        summary = read_files(summary_files, "eval")
+    if any(str(p).endswith("/summary.parquet") for p in record.sides):
+        summary = read_record(record, side="summary")
     else:
         summary = summarize(
-            read_files(
-                record.parts, "eval", ["model", "benchmark", "problem_id", "sample", "correct", "status"]
-            )
+            read_record(record, ["model", "benchmark", "problem_id", "sample", "correct", "status"])
         )
     return summary_markdown(summary)
 
@@ -206,7 +205,7 @@ def weights_table(records: list[StageRecord], round_: int) -> pl.DataFrame | Non
     if record is None:
         return None
     columns = ["prompt_idx", "sample_idx", "estimator", "eligible", "rho_tilde", "selected"]
-    return weight_stats(read_files(record.parts, "weights", columns))[0]
+    return weight_stats(read_record(record, columns))[0]
 
 
 def train_tables(train: pl.DataFrame, sources: pl.DataFrame | None) -> dict[str, pl.DataFrame]:
@@ -286,7 +285,9 @@ def unified_shards(record: StageRecord) -> list[Callable[[], pl.DataFrame]]:
     schemas = [pl.read_parquet_schema(p) for p in record.parts]
     schema = pl.concat([pl.DataFrame(schema=s) for s in schemas], how="vertical_relaxed").schema
     return [
-        lambda p=p: read_files([p], record.stage).select(pl.col(c).cast(t) for c, t in schema.items())
+        lambda p=p: read_record(dataclasses.replace(record, parts=[p])).select(
+            pl.col(c).cast(t) for c, t in schema.items()
+        )
         for p in record.parts
     ]
 
@@ -347,9 +348,9 @@ def _train(
     log: Callable[[str], None],
 ) -> Exported:
     fmt = req.fmt or "messages"
-    train = read_files(record.parts, "train")
+    train = read_record(record)
     problems = _latest(records, "problems")
-    sources = read_files(problems.parts, "problems", ["prompt_idx", "source"]) if problems else None
+    sources = read_record(problems, ["prompt_idx", "source"]) if problems else None
     rows, left_out = format_train(train, sources, fmt)
     files = write_data_files(split_frame(rows), out, log)
     facts.fmt, facts.rows, facts.left_out = fmt, rows.height, left_out

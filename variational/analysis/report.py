@@ -28,8 +28,8 @@ from variational.analysis.metrics import MODELS, summarize, summary_markdown
 from variational.analysis.sql import connect, unreadable_stages
 from variational.pipeline.orchestration import publish_markdown
 from variational.pipeline.records import check_name
+from variational.pipeline.runs import run_folder
 from variational.pipeline.storage import absolute_root, home, open_root
-from variational.pipeline.store import run_folder
 from variational.verifiers.answers import unsandboxed_warning
 
 # Columns each section needs; reading only these keeps logps / rollout texts out of memory.

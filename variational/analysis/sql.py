@@ -1,6 +1,6 @@
 """DuckDB over a run: one view per stage table, saved analyses from sql/, a listing of runs.
 
-In: `<data_root>/<run>/run.json` (written by store.record_stage: stage -> round -> {fingerprint, path, rows})
+In: `<data_root>/<run>/run.json` (written by runs.record_stage: stage -> round -> {fingerprint, path, rows})
 and the Parquet shards it points at. Out: a DuckDB connection with a VIEW per stage table over all part files
 of all rounds (union_by_name), plus `run_stages` (one row per stage and round: manifest rows, Parquet rows,
 status); `run_sql` returns a polars frame. Views are lazy, so a table missing from a run only breaks the
@@ -21,14 +21,9 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from variational.pipeline.runs import recorded_stages, run_folder, run_names, unrecorded_folders
 from variational.pipeline.storage import open_root
-from variational.pipeline.store import (
-    CorruptRecord,
-    recorded_stages,
-    run_folder,
-    run_names,
-    unrecorded_folders,
-)
+from variational.pipeline.store import CorruptRecord
 from variational.registry import OLD_STAGE_NAMES
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"

@@ -28,9 +28,10 @@ from variational.config import RunConfig, load_config
 from variational.pipeline import orchestration
 from variational.pipeline.fingerprint import stage_fingerprint
 from variational.pipeline.orchestration import logger
+from variational.pipeline.runs import begin_run, record_stage, writable
 from variational.pipeline.stage import Engine, Inputs, Output, Ref, Stage
 from variational.pipeline.storage import absolute_root, is_url, open_root
-from variational.pipeline.store import DamagedStage, StageStore, begin_run, record_stage, writable
+from variational.pipeline.store import DamagedStage, StageStore
 
 
 # ================================================================ running one stage
