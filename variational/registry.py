@@ -47,3 +47,6 @@ SELECTION_MODES = ("17k-mix", "all-k")  # tasks/select.py SELECTORS
 QUESTION_WEIGHTINGS = ("none", "rft", "grpo", "mle")  # tasks/weights.py QUESTION_WEIGHTS
 POSTERIOR_TEMPLATES = ("PA", "PB")  # variational/templates.py
 POSTERIOR_OBJECTIVES = ("hinted_sft", "forward_kl")
+# math graders of check_answers (variational/verifiers/answers.py): math-verify with our rules, or the
+# official harness's verdict (SkyThought math_equal, variational/verifiers/official_math.py)
+GRADERS = ("strict", "official")
