@@ -287,11 +287,9 @@ def _safe_namespace() -> dict[str, Any]:
 
 
 def _latex_expr(s: str) -> Any:
-    from latex2sympy2_extended.latex2sympy2 import ConversionConfig, latex2sympy
+    from variational.verifiers.official_latex import latex_to_sympy
 
-    # latex2sympy2 (the official parser) keeps symbol case and reads "2\frac12" as a product
-    config = ConversionConfig(interpret_as_mixed_fractions=False, lowercase_symbols=False)
-    return latex2sympy(s, normalization_config=None, conversion_config=config)
+    return latex_to_sympy(s)
 
 
 # ================================================================ rows
