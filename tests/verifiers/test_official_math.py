@@ -151,7 +151,7 @@ def test_parse_expr_never_runs_code_from_an_answer(pool: OfficialMathPool, tmp_p
         "\\boxed{(1).__class__.__bases__[0].__subclasses__()}",
         "\\boxed{x.func}",
     ]
-    out = check(pool, [(p, ["1"]) for p in payloads])
+    out = check(pool, [(p, ["7"]) for p in payloads])
     assert not marker.exists()
     assert out["status"].to_list() == ["wrong"] * len(payloads)
 

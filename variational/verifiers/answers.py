@@ -47,6 +47,7 @@ GRADING_CODE = (
     "variational.verifiers.answers",
     "variational.verifiers.math_rules",
     "variational.verifiers.official_answer",
+    "variational.verifiers.official_latex",
     "variational.verifiers.official_math",
     "variational.verifiers.apps_check",
     "variational.verifiers.harness",

@@ -55,26 +55,33 @@ _CLOSING_E = re.compile(r"(?<=[A-Za-z\d])E(?![+-]?\d)")
 def latex_to_sympy(s: str) -> Any:
     """latex2sympy2 1.9.1's reading of `s` (see the module docstring); raises where it would fail."""
     s = _SPACES.sub(" ", s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac"))
-    s = _COMMAND.sub(_as_official_tokens, s)
+    s = _as_official_tokens(s)
     without_commands = _COMMAND.sub(lambda m: " " * len(m.group(0)), s)
     if _OPENING_E.search(without_commands):
         raise ValueError("latex2sympy2 reads E only as an exponent mark")
     if closing := _CLOSING_E.search(without_commands):
         s = s[: closing.start()]
     s = _MIXED_NUMBER.sub(lambda m: (m.group(1) or m.group(2)) + "\\cdot ", s)
-    if (items := _top_level_list(s)) is not None:
-        return [_relation(item) for item in items]
+    if (items := _top_level_list(s)) is not None:  # junk after the list ends its last item
+        return [*map(_relation, items[:-1]), _leading_relation(items[-1])]
     return _leading_relation(s)
 
 
-def _as_official_tokens(m: re.Match) -> str:
-    """A command as latex2sympy2's lexer splits it: its longest known leading command, the rest as letters
-    ("\\pit" -> "\\pi t", "\\cotx" -> "\\cot x"); a command with no known start fails the parse."""
-    name = m.group(1)
-    for end in range(len(name), 0, -1):
-        if name[:end] in OFFICIAL_COMMANDS:
-            return f"\\{name[:end]} {name[end:]}" if end < len(name) else m.group(0)
-    raise ValueError(f"latex2sympy2 does not read \\{name}")
+def _as_official_tokens(s: str) -> str:
+    """Commands as latex2sympy2's lexer splits them: the longest known leading command, the rest as letters
+    ("\\pit" -> "\\pi t", "\\cotx" -> "\\cot x"). A command with no known start is a lexer error: it fails
+    the parse unless the parse has already stopped at a token before it ("0)\\cup{1}" reads 0)."""
+    out, last = [], 0
+    for m in _COMMAND.finditer(s):
+        name = m.group(1)
+        known = next((name[:end] for end in range(len(name), 0, -1) if name[:end] in OFFICIAL_COMMANDS), None)
+        if known is None:
+            if not _JUNK_START.search(s, 0, m.start()):
+                raise ValueError(f"latex2sympy2 does not read \\{name}")
+            return "".join(out) + s[last : m.start()]
+        out += [s[last : m.start()], f"\\{known}", f" {name[len(known) :]}" if known != name else ""]
+        last = m.end()
+    return "".join(out) + s[last:]
 
 
 def _top_level_list(s: str) -> list[str] | None:

@@ -13,8 +13,8 @@ process under a timeout. The two official callers read golds differently:
     `extract_answer(solution)` with its "he answer is" / last-number fallbacks, prediction `extract_answer`.
 Symbolic parsing: the official `parse_latex` always fails there (latex2sympy2 pins antlr 4.7.2, sympy's LaTeX
 parser needs 4.11), so it is skipped; `parse_expr` runs in a restricted namespace (it evals its input: see
-`_sympy_expr`); the official `latex2sympy2` is replaced by latex2sympy2_extended, the one in our venv
-(measured cost in agreement: bench/RESULTS.md, "official math grader").
+`_sympy_expr`); the official `latex2sympy2` is emulated on latex2sympy2_extended, the one in our venv
+(variational/verifiers/official_latex.py; agreement measured in bench/RESULTS.md, "official math grader").
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import re
 from typing import Any, Literal
 
 from variational.verifiers.official_answer import extract_answer, strip_answer_string
+from variational.verifiers.official_latex import latex_to_sympy
 from variational.verifiers.procpool import DeadlinePool, Outcome
 
 GoldForm = Literal["answer", "solution"]
@@ -239,7 +240,7 @@ def _round3(matrix: Any) -> Any:
 def _to_sympy(s: str) -> Any:
     """The official `_parse`: `parse_expr`, then `latex2sympy`, each on the string with "\\\\" turned into
     "\\" first and then as it is; the first that returns wins; the string itself when none does."""
-    for parse in (_sympy_expr, _latex_expr):
+    for parse in (_sympy_expr, latex_to_sympy):
         for candidate in (s.replace("\\\\", "\\"), s):
             try:
                 return parse(candidate)
@@ -284,12 +285,6 @@ def _safe_namespace() -> dict[str, Any]:
     namespace |= {n: getattr(builtins, n) for n in _SAFE_BUILTINS} | {"min": sympy.Min, "max": sympy.Max}
     namespace["__builtins__"] = {}  # eval() would add the real ones
     return namespace
-
-
-def _latex_expr(s: str) -> Any:
-    from variational.verifiers.official_latex import latex_to_sympy
-
-    return latex_to_sympy(s)
 
 
 # ================================================================ rows
