@@ -63,8 +63,8 @@ def test_both_graders_on_the_unit_test_pairs(
     print(format_verifier_report(agreement, disagreements).split("\n\n")[0])
     by = {(r["set"], r["verifier"]): r for r in agreement.iter_rows(named=True)}
     # these labels are math-verify's and MATH's own expectations, not the official grader's: it disagrees
-    # by design (a bare "$\frac{1}{2}$" prediction is read by its last number, 2). Measured 119/268, 10/16.
-    assert by["math_verify", "official"]["agree"] == 119
+    # by design (a bare "$\frac{1}{2}$" prediction is read by its last number, 2). Measured 116/268, 10/16: the same as SkyThought 0d190f1's own code.
+    assert by["math_verify", "official"]["agree"] == 116
     assert by["hendrycks_is_equiv", "official"]["agree"] == 10
     assert by["math_verify", "ours"]["agreement"] >= 0.97
     assert {r["timeout_or_error"] for r in agreement.iter_rows(named=True)} == {0}
@@ -75,10 +75,10 @@ def test_official_grader_reproduces_the_skythought_long_cot_labels(
     pool: MathPool, official_pool: OfficialMathPool, shared_data: Path
 ) -> None:
     # The labels are SkyThought's Qwen2.5-Math eval verdicts (branch `corrupt`): the official grader's
-    # ancestor, not the same code (Minerva golds unstripped, another strip_string, a vendored latex2sympy).
-    # SkyThought 0d190f1's own grader reproduces 825/842 of them (measured outside the repository); ours gives
-    # the same 825, off on the same rows (mostly "1.87\times10^6" against a gold "1.87e6": equal for the
-    # official code, not for the older eval).
+    # ancestor, not the same code (Minerva golds unstripped, another strip_string, a vendored latex2sympy), so
+    # they are not exactly reproducible. Measured: SkyThought 0d190f1's own code 822/842 (run outside the
+    # repository, in long-lived processes), ours 825/842; most misses are "1.87\\times10^6" against a gold
+    # "1.87e6", equal for the official code, not for the older eval. Hence 0.975, not 0.99.
     agreement, disagreements = verifier_report(
         shared_data,
         timeout_s=20.0,
