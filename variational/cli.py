@@ -167,7 +167,11 @@ def cmd_verifier_report(args: argparse.Namespace) -> int:
     sets = [s.strip() for s in args.sets.split(",")] if args.sets else list(LABELLED_SETS)
     if unknown := [s for s in sets if s not in LABELLED_SETS]:
         raise CliError(f"verifier-report: unknown --sets {unknown}; choose from {','.join(LABELLED_SETS)}")
-    report = verifier_report(data_dir, args.timeout_s, sets=sets, ablate=args.ablate)
+    if args.ablate and args.grader == "official":
+        raise CliError(
+            "verifier-report: --ablate switches off rules of the strict grader; use --grader strict|both"
+        )
+    report = verifier_report(data_dir, args.timeout_s, sets=sets, ablate=args.ablate, grader=args.grader)
     print(format_verifier_report(*report))
     return 0
 
@@ -350,11 +354,19 @@ def _add_models(sub: Any) -> None:
 
 
 def _add_verifier_report(sub: Any) -> None:
-    v = sub.add_parser("verifier-report", help="plain math-verify and check_answers against labelled pairs")
+    from variational.registry import GRADERS
+
+    v = sub.add_parser("verifier-report", help="the math graders (strict, official) against labelled pairs")
     v.add_argument("--data-dir", help="folder with verify_pairs_*.jsonl (default: ../shared/data)")
     v.add_argument("--sets", help="comma-separated names (default: all); see LABELLED_SETS")
     v.add_argument("--timeout-s", type=float, default=5.0, help="per-row deadline, as verify.timeout_s")
     v.add_argument("--ablate", action="store_true", help="also run ours with each rule switched off in turn")
+    v.add_argument(
+        "--grader",
+        choices=(*GRADERS, "both"),
+        default="both",
+        help="strict: plain math-verify and ours; official: the official harness's grader; both (default)",
+    )
     v.set_defaults(func=cmd_verifier_report)
 
 

@@ -49,3 +49,6 @@ POSTERIOR_TEMPLATES = ("PA", "PB")  # variational/templates.py
 POSTERIOR_OBJECTIVES = ("hinted_sft", "forward_kl")
 # verify.sandbox: auto = the strongest jail here, never none (variational/verifiers/sandbox.py resolve_mode)
 CODE_SANDBOXES = ("auto", "root", "userns", "none")
+# math graders of check_answers (variational/verifiers/answers.py): math-verify with our rules, or the
+# official harness's verdict (SkyThought math_equal, variational/verifiers/official_math.py)
+GRADERS = ("strict", "official")

@@ -43,6 +43,16 @@ def test_soft_deadline_keeps_the_worker() -> None:
         assert p.slots[0].proc.pid == pid
 
 
+def test_fresh_after_timeout_replaces_the_worker() -> None:
+    # OfficialMathPool: an item interrupted inside sympy may leave global state half-updated
+    with DeadlinePool(time.sleep, 1, start_method="spawn", fresh_after_timeout=True) as p:
+        p.run([(0,)], timeout_s=1)
+        pid = p.slots[0].proc.pid
+        out = p.run([(0.01,), (30,), (0.01,), (0.01,)], timeout_s=0.5)
+        assert [o.status for o in out] == ["ok", "timeout", "ok", "ok"]  # its batch-mates were re-queued
+        assert p.slots[0].proc.pid != pid
+
+
 def test_stuck_worker_is_killed_and_replaced(pool: DeadlinePool) -> None:
     pool.run([(1, 1)], timeout_s=1)  # workers up and idle
     stuck = pool.slots[0]

@@ -4,8 +4,22 @@ In:  df[text, gold] (math) or df[text, tests] (code: the APPS/TACO `input_output
 Out: the input rows plus extracted, correct, status, verifier, elapsed_ms.
      status: ok / wrong / no_answer / timeout / error / gold_unparsable; code rows also runtime_error /
      compile_error / no_code / sandbox_violation.
-Math rows go to `MathPool` workers (variational/verifiers/math_rules.py); code rows to the official checker's
-rules (variational/verifiers/apps_check.py) inside the sandbox (variational/verifiers/sandbox.py).
+Math has two graders (`GRADERS`, variational/registry.py), same columns:
+  - "strict" (default): math-verify with our rules (variational/verifiers/math_rules.py, `MathPool`);
+    verifier "math_verify". A row whose golds do not parse is gold_unparsable: skip it, it is not scored.
+  - "official": the official harness's math verdict (SkyThought extract_answer -> strip_answer_string ->
+    math_equal; variational/verifiers/official_math.py, `OfficialMathPool`); verifier "official_math".
+    `gold_form` says how the golds are written, hence how the official code reads them: "answer" (a bare
+    final answer, as benchmarks store it: the eval handlers' reading) or "solution" (a whole reference
+    solution: verify_parallel.py's reading, with its "he answer is" and last-number fallbacks). Each gold
+    is one pair with its own `timeout_s` (officially 5 s per pair in rollout verification); the row is
+    correct when ANY gold matches (the official OR over source ground truth and reference answer).
+    Statuses: ok (a gold matched); gold_unparsable (no gold, or every gold reads as ""); timeout / error
+    (no gold matched and a pair ran out of time or raised); no_answer (the output reads as ""); wrong.
+    Officially a timeout, an error or an unreadable gold is simply wrong: in official mode count EVERY
+    row, `correct` as returned (False for all of those), and drop none.
+Math rows go to the pool's worker processes, with a hard per-item deadline; code rows to the official
+checker's rules (variational/verifiers/apps_check.py) inside the sandbox (variational/verifiers/sandbox.py).
 `tasks.verify` re-exports both functions: that is the public entry point.
 """
 
@@ -15,14 +29,16 @@ import logging
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 from tqdm.auto import tqdm
 
+from variational import registry
 from variational.config import ConfigError
-from variational.verifiers import apps_check
+from variational.verifiers import apps_check, official_math
 from variational.verifiers.math_rules import OURS, MathPool, MathRules
+from variational.verifiers.official_math import GoldForm, OfficialMathPool
 from variational.verifiers.procpool import Outcome, cpu_count
 from variational.verifiers.sandbox import resolve_mode
 
@@ -32,6 +48,9 @@ GRADING_CODE = (
     "variational.templates",
     "variational.verifiers.answers",
     "variational.verifiers.math_rules",
+    "variational.verifiers.official_answer",
+    "variational.verifiers.official_latex",
+    "variational.verifiers.official_math",
     "variational.verifiers.apps_check",
     "variational.verifiers.harness",
     "variational.verifiers.protocol",
@@ -50,6 +69,9 @@ VERDICT_SCHEMA = {
     "elapsed_ms": pl.Float64,
 }
 MATH_VERIFIER, CODE_VERIFIER = "math_verify", "code_tests"
+VERIFIER_OF_GRADER = {"strict": MATH_VERIFIER, "official": "official_math"}
+Grader = Literal[registry.GRADERS]
+
 # the verifier of code rows judged with verify.sandbox: none (no isolation): the rows say so themselves
 UNSANDBOXED_CODE_VERIFIER = "code_tests_unsandboxed"
 
@@ -94,24 +116,42 @@ def check_answers(
     timeout_s: float = 5.0,
     workers: int = 0,
     *,
-    pool: MathPool | None = None,
+    pool: MathPool | OfficialMathPool | None = None,
     rules: MathRules = OURS,
+    grader: Grader = "strict",
+    gold_form: GoldForm = "answer",
 ) -> pl.DataFrame:
     """df[text, gold (list of accepted answers, or one string)] -> df + extracted, correct, status,
-    verifier, elapsed_ms. Every row returns within timeout_s + HARD_GRACE_S (+ a process kill).
-    `rules` is for measuring the verifier (verifier_report); the stage uses the default."""
+    verifier, elapsed_ms (module docstring: the two graders, their statuses). Every item returns within
+    timeout_s + HARD_GRACE_S (+ a process kill); an item is a row (strict) or a (row, gold) pair (official).
+    `pool`: a MathPool (strict) or OfficialMathPool (official) to share over calls; `rules` (strict only)
+    is for measuring the verifier (verifier_report); the stages use the default."""
     require(df, ("text", "gold"), "check_answers")
-    texts, golds = df["text"].to_list(), df["gold"].to_list()
-    items = [(t, _as_list(g), rules) for t, g in zip(texts, golds, strict=True)]
+    if grader not in registry.GRADERS:
+        raise ValueError(f"check_answers: unknown grader {grader!r}; choose from {list(registry.GRADERS)}")
+    pool_type = OfficialMathPool if grader == "official" else MathPool
+    if pool is not None and not isinstance(pool, pool_type):
+        raise ValueError(
+            f"check_answers: grader {grader!r} needs a {pool_type.__name__}, got {type(pool).__name__}"
+        )
+    golds = [_as_list(g) for g in df["gold"].to_list()]
+    if grader == "official":
+        items = [(t, g, gold_form) for t, row in zip(df["text"].to_list(), golds, strict=True) for g in row]
+    else:
+        items = [(t, row, rules) for t, row in zip(df["text"].to_list(), golds, strict=True)]
     own = pool is None
-    pool = pool or MathPool(min(workers or cpu_count(), max(1, len(items))))
+    pool = pool or pool_type(min(workers or cpu_count(), max(1, len(items))))
     try:
-        outcomes = pool.run(items, timeout_s, desc="verify math")
+        outcomes = pool.run(items, timeout_s, desc=f"verify math ({grader})")
     finally:
         if own:
             pool.close()
     _log_errors(items, outcomes)
-    return _with_verdicts(df, [_math_verdict(o) for o in outcomes], MATH_VERIFIER)
+    if grader == "official":
+        verdicts = official_math.row_verdicts([len(row) for row in golds], outcomes)
+    else:
+        verdicts = [_math_verdict(o) for o in outcomes]
+    return _with_verdicts(df, verdicts, VERIFIER_OF_GRADER[grader])
 
 
 def _math_verdict(o: Outcome) -> tuple:

@@ -153,8 +153,12 @@ class DeadlinePool:
         memory_mb: int = 4096,
         batch_size: int = 32,
         start_method: str | None = None,
+        fresh_after_timeout: bool = False,
     ):
+        """`fresh_after_timeout`: replace a worker whose item hit its soft deadline too (the rest of its
+        batch is re-queued), for work whose global state an interrupted item can leave half-updated."""
         self.fn, self.warmup = fn, warmup
+        self.fresh_after_timeout = fresh_after_timeout
         self.size = workers or cpu_count()
         self.memory_mb, self.batch_size = memory_mb, batch_size
         self._ctx = _context([fn.__module__, *preload], start_method)
@@ -253,6 +257,10 @@ class DeadlinePool:
                         results[i], s.since = Outcome(*msg[1:]), time.monotonic()
                         done += 1
                         bar.update()
+                        if self.fresh_after_timeout and results[i].status == "timeout":
+                            queue.extendleft(reversed(s.items))
+                            self._replace(s)
+                            break
                 except (EOFError, OSError):  # crashed: segfault, OOM kill, broken warmup
                     shutdown.check()  # or killed by the SIGTERM sent to our whole process group
                     if not s.ready:
