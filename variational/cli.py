@@ -86,13 +86,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from variational.analysis.sql import run_sql
+    from variational.analysis.sql import parse_memory, run_sql
 
     if args.file:
         path = Path(args.file)
         if not path.exists() and (REPO / "sql" / f"{args.file.removesuffix('.sql')}.sql").exists():
             path = REPO / "sql" / f"{args.file.removesuffix('.sql')}.sql"
-        query = path.read_text()
+        try:
+            query = path.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as err:  # missing, a folder, no permission, not text
+            why = getattr(err, "strerror", None) or "not UTF-8 text"
+            raise CliError(f"sql -f {args.file}: cannot read {str(path)!r}: {why}") from None
     elif args.query:
         query = args.query
     else:
@@ -101,11 +105,14 @@ def cmd_sql(args: argparse.Namespace) -> int:
             ", ".join(p.stem for p in sorted((REPO / "sql").glob("*.sql"))),
         )
         return 2
-    df = run_sql(args.data_root, args.run, query)
+    memory = parse_memory(args.memory) if args.memory else None
+    df = run_sql(args.data_root, args.run, query, args.max_rows, timeout_s=args.timeout, memory=memory)
     import polars as pl
 
     with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
-        print(df)
+        print(df.head(args.max_rows))
+    if df.height > args.max_rows:  # run_sql computed max_rows + 1 rows: there is more
+        print(f"(the first {args.max_rows} rows; the result has more: raise --max-rows or narrow the query)")
     return 0
 
 
@@ -240,6 +247,19 @@ def _add_serve(sub: Any) -> None:
     s.set_defaults(func=cmd_serve)
 
 
+def _positive(kind: type) -> Any:
+    """An argparse type: a number of `kind` above 0 (argparse prints the one-line usage error otherwise)."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not value > 0:  # `not >`: nan too
+            raise ValueError(text)
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"  # argparse names the type in its error
+    return parse
+
+
 def _add_store_commands(sub: Any) -> None:
     """sql, runs, verify-store, report: read a finished data root."""
     q = sub.add_parser("sql", help="DuckDB SQL over a run's tables (one view per stage)")
@@ -247,7 +267,15 @@ def _add_store_commands(sub: Any) -> None:
     q.add_argument("query", nargs="?")
     q.add_argument("-f", "--file", help="a .sql file, or the name of a saved analysis in sql/")
     q.add_argument("--data-root", default="data")
-    q.add_argument("--max-rows", type=int, default=50)
+    q.add_argument(
+        "--max-rows", type=_positive(int), default=50, help="rows to print (only those are computed)"
+    )
+    q.add_argument(
+        "--timeout", type=_positive(float), default=300.0, help="seconds before the query is stopped"
+    )
+    q.add_argument(
+        "--memory", help="DuckDB's memory limit, e.g. 4GB or 512MiB (default: a quarter of the RAM)"
+    )
     q.set_defaults(func=cmd_sql)
 
     ls = sub.add_parser("runs", help="list runs and their stage status")
@@ -327,8 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run a sub-command; the errors a user causes or fixes print one line (no traceback) and set the exit
     code: 2 for a bad config, a missing run or file, an unreachable server; 1 for SQL that fails; 3 when
-    another run is computing a stage or a damaged file was set aside (rerun)."""
+    another run is computing a stage or a damaged file was set aside (rerun); 130 after Ctrl-C."""
     args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:  # Ctrl-C outside a run (a run handles SIGINT itself: variational/shutdown.py)
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     import duckdb
 
     from variational.analysis.sql import SqlError
