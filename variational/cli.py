@@ -70,6 +70,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flows.recipe import variational
     from variational.config import load_config
 
+    # every run served reads and writes D (absolute: a flow run may start in another directory), not the
+    # config's data_root; a separate parameter, so that a run's `--param overrides=[...]` keeps it
+    data_root = str(Path(args.data_root).resolve()) if args.data_root else None
     deployments = []
     for name in args.names:
         config = REPO / "configs" / f"{name}.yaml"
@@ -78,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 variational,
                 load_config(config).executor,
                 name=name,
-                parameters={"config": str(config), "overrides": []},
+                parameters={"config": str(config), "overrides": [], "data_root": data_root},
                 description=f"The variational recipe with configs/{name}.yaml",
             )
         )
@@ -242,7 +245,9 @@ def _add_plan(sub: Any) -> None:
 def _add_serve(sub: Any) -> None:
     s = sub.add_parser("serve", help="serve the deployments to a Prefect server (prefect server start)")
     s.add_argument("names", nargs="*", default=["tiny", "subset-1k", "full-17k"])
-    s.add_argument("--data-root", default=None)
+    s.add_argument(
+        "--data-root", default=None, help="where every served run reads and writes (default: each config's)"
+    )
     s.add_argument("--limit", type=int, default=1, help="concurrent flow runs")
     s.set_defaults(func=cmd_serve)
 
