@@ -108,8 +108,9 @@ def cmd_sql(args: argparse.Namespace) -> int:
             ", ".join(p.stem for p in sorted((REPO / "sql").glob("*.sql"))),
         )
         return 2
-    memory = parse_memory(args.memory) if args.memory else None
-    df = run_sql(args.data_root, args.run, query, args.max_rows, timeout_s=args.timeout, memory=memory)
+    limits = {"memory": parse_memory(args.memory)} if args.memory else {}
+    limits |= {"timeout_s": args.timeout} if args.timeout else {}  # the defaults are sql.py's
+    df = run_sql(args.data_root, args.run, query, args.max_rows, **limits)
     import polars as pl
 
     with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
@@ -276,7 +277,7 @@ def _add_store_commands(sub: Any) -> None:
         "--max-rows", type=_positive(int), default=50, help="rows to print (only those are computed)"
     )
     q.add_argument(
-        "--timeout", type=_positive(float), default=300.0, help="seconds before the query is stopped"
+        "--timeout", type=_positive(float), help="seconds before the query is stopped (default 300)"
     )
     q.add_argument(
         "--memory", help="DuckDB's memory limit, e.g. 4GB or 512MiB (default: a quarter of the RAM)"
