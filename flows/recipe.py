@@ -11,6 +11,8 @@ t-1 policy, and that policy takes the place of pi_theta0.
 
 from __future__ import annotations
 
+import json
+
 from prefect import flow
 
 from tasks.base_model import BASE_MODEL
@@ -47,9 +49,15 @@ def fit_posterior(cfg: dict, problems: Ref, base: Ref, policy: Ref, init: Ref | 
 
 
 @flow(name="variational", log_prints=True)
-def variational(config: str | dict = "configs/tiny.yaml", overrides: list[str] | None = None) -> dict:
-    """`config`: a YAML path or name (deployments), or the config the CLI has already validated."""
-    cfg = start_run(config, overrides)
+def variational(
+    config: str | dict = "configs/tiny.yaml", overrides: list[str] | None = None, data_root: str | None = None
+) -> dict:
+    """`config`: a YAML path or name (deployments), or the config the CLI has already validated.
+    `data_root`: where the run reads and writes, before `overrides` (`variational serve --data-root D` sets
+    it on its deployments, so a run's own `--param overrides=[...]` keeps it); None: the config's."""
+    # as JSON: a YAML string whatever the path holds (`: `, `#`, a leading `*`)
+    root = [f"data_root={json.dumps(data_root)}"] if data_root else []
+    cfg = start_run(config, [*root, *(overrides or [])])
     problems = run(PROBLEMS, cfg)
     base = run(BASE_MODEL, cfg)
     pi_theta0 = run(PI_THETA0, cfg, problems=problems, base_model=base)

@@ -37,7 +37,15 @@ import polars as pl
 from variational import templates
 from variational.config import AuxDataset, DataConfig
 from variational.data import sources as src
-from variational.data.raw import EMBEDDED, RawRows, content_hash, embedded_path, local_files, read_rows
+from variational.data.raw import (
+    EMBEDDED,
+    RawRows,
+    content_hash,
+    embedded_path,
+    local_files,
+    parse_json,
+    read_rows,
+)
 from variational.pipeline.stage import Inputs, Output, Stage, logger
 
 __all__ = ["EMBEDDED", "content_hash", "embedded_path", "local_files"]  # re-exported for the task and tests
@@ -177,9 +185,11 @@ def _tests(value: str | None) -> str | None:
     if value is None or not value.strip():
         return None
     try:
-        parsed = json.loads(value)
+        parsed = parse_json(value)
     except json.JSONDecodeError as err:
         raise Reject(f"tests is not valid JSON ({err.msg})") from None
+    except ValueError as err:  # nested too deeply: the reader's rule, for the JSON inside the row too
+        raise Reject(f"tests: {err}") from None
     io = _tests_as_input_output(parsed)
     ins, outs = io.get("inputs") or [], io.get("outputs") or []
     if not isinstance(ins, list) or not isinstance(outs, list):

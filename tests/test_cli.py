@@ -3,6 +3,10 @@ YAML, a missing run, a dead Prefect server: 2; failing or refused SQL: 1), Prefe
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -149,3 +153,78 @@ def test_a_truncated_run_json_is_one_line_for_every_reader(
     assert main(["runs", *root]) == 2  # the other run is still listed
     out, err = capsys.readouterr()
     assert "other" in out and "verify" in out and err.count("\n") == 1 and str(run_json) in err
+
+
+# ---------------------------------------------------------------- one line, not a traceback (issue 17)
+def test_a_folder_or_non_utf8_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "run.yaml"
+    folder.mkdir()
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: caf\xe9\nbase_model: m\n".encode("latin-1"))
+    for path, what in ((folder, "Is a directory"), (latin1, "not UTF-8 text")):
+        assert main(["run", str(path)]) == 2  # the config loads before anything runs
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(path) in err and what in err
+
+
+def test_sql_file_that_is_a_folder_or_not_text_is_one_line(
+    sql_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    binary = tmp_path / "q.sql"
+    binary.write_bytes(b"SELECT '\xff'")
+    for path, what in ((tmp_path, "Is a directory"), (binary, "not UTF-8 text")):
+        assert main(["sql", "r", "--data-root", str(sql_root), "-f", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"sql -f {path}: cannot read" in err and what in err
+
+
+def _sql(root: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "variational.cli", "sql", "r", "--data-root", str(root), *args]
+
+
+ENDLESS = "SELECT count(*) FROM range(100000000000) t(i) WHERE i % 7 = 3"  # ~10^11 rows: hours here
+
+
+def test_sql_timeout_and_memory_options(sql_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sql", "r", "--data-root", str(sql_root), "--timeout", "1", ENDLESS]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "time limit of 1 s" in err
+    big = "SELECT length(string_agg(i::VARCHAR, ',')) FROM range(100000000) t(i)"
+    assert main(["sql", "r", "--data-root", str(sql_root), "--memory", "64MB", big]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Out of Memory" in err and "--memory" in err
+    assert main(["sql", "r", "--data-root", str(sql_root), "--memory", "lots", "select 1"]) == 1
+    assert "give a size" in capsys.readouterr().err
+
+
+def test_sql_prints_max_rows_of_an_endless_result(sql_root: Path) -> None:
+    endless = "SELECT i FROM range(1000000000000) t(i)"
+    out = subprocess.run(
+        _sql(sql_root, "--max-rows", "3", "--timeout", "120", endless),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "│ 2 " in out.stdout and "│ 3 " not in out.stdout and "the result has more" in out.stdout
+
+
+def test_ctrl_c_stops_a_query_in_one_line_with_exit_130(sql_root: Path) -> None:
+    """DuckDB does not return to Python while it computes: a SIGINT waited for the query's end (hours),
+    and then printed a traceback."""
+    proc = subprocess.Popen(
+        _sql(sql_root, ENDLESS),  # the default time limit, 300 s, is far beyond this test
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background shell ignores it
+    )
+    try:
+        time.sleep(5)  # started, connected, computing
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # the query never ends by itself
+        proc.wait()
+    assert proc.returncode == 130 and err == "error: interrupted (Ctrl-C)\n", err[-2000:]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -100,3 +104,113 @@ def test_bad_yaml_names_the_file_and_line(tmp_path: Path) -> None:
         load_config(path)
     with pytest.raises(ConfigError, match=r"^--set K=\[1: not valid YAML"):
         apply_overrides({}, ["K=[1"])
+
+
+# ---------------------------------------------------------------- hostile or careless YAML (issue 17 item 5)
+def alias_bomb(levels: int, width: int = 9) -> str:
+    """A config whose last key expands to width**levels strings through nested aliases."""
+    lines = ["name: x", "base_model: m", "a0: &a0 [" + ", ".join(['"lol"'] * width) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_in_one_short_line(tmp_path: Path) -> None:
+    """5 levels x 9 (about 300 bytes, 66,000 values): the old loader built it, and the schema error listed
+    every value (megabytes in one 'line')."""
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb(5))
+    assert len(path.read_bytes()) < 400
+    with pytest.raises(
+        ConfigError, match=r"bomb\.yaml: not valid YAML: aliases expand to more than 10,000"
+    ) as err:
+        load_config(path)
+    assert len(str(err.value)) < 300 and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="aliases expand"):
+        apply_overrides({}, ["a=" + alias_bomb(5).replace("\n", ", ").join("{}")])
+
+
+def test_an_alias_bomb_that_never_finished_is_refused_at_once(tmp_path: Path) -> None:
+    """9 levels x 9 (~600 bytes, 387 million values): the old code never finished (killed after 120 s here)."""
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb(9))
+    cmd = [sys.executable, "-m", "variational.cli", "run", str(path)]  # the config loads before anything runs
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr[-2000:]
+    assert "aliases expand to more than 10,000 values" in out.stderr
+
+
+def test_shared_anchors_and_merge_keys_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text(
+        "name: x\nbase_model: m\npi_theta0: &train\n  epochs: 1\n  seed: 3\n"
+        "q_phi:\n  <<: *train\n  epochs: 2\nfinal: *train\n"
+    )
+    cfg = load_config(path)
+    assert (cfg.q_phi.epochs, cfg.q_phi.seed, cfg.final.epochs, cfg.final.seed) == (2, 3, 1, 3)
+
+
+def test_a_recursive_alias_and_deep_nesting_are_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\nbase_model: m\na: &a [1, *a]\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: not valid YAML: recursive alias at line 3"):
+        load_config(path)
+    path.write_text("name: x\nbase_model: m\na: " + "[" * 20000 + "]" * 20000 + "\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: not valid YAML: nested too deeply$"):
+        load_config(path)
+
+
+def test_duplicate_keys_are_named_with_their_lines(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys: `K: 2 ... K: 4` silently ran with K=4."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: x\nbase_model: m\nK: 2\nverify:\n  timeout_s: 3\n  timeout_s: 4\n")
+    with pytest.raises(
+        ConfigError, match=r"duplicate key 'timeout_s' \(first at line 5\) at line 6, column 3$"
+    ):
+        load_config(path)
+    path.write_text("name: x\nbase_model: m\nK: 2\nM: 3\nK: 4\n")
+    with pytest.raises(
+        ConfigError, match=r"dup\.yaml: not valid YAML: duplicate key 'K' \(first at line 3\) at line 5"
+    ):
+        load_config(path)
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", ".NaN", "nan", "inf"])
+@pytest.mark.parametrize(
+    "field", ["verify.code_timeout_s", "verify.timeout_s", "pi_theta0.epochs", "engine.kv_cache_gib"]
+)
+def test_non_finite_numbers_are_refused_in_every_float_field(field: str, value: str) -> None:
+    """`verify.code_timeout_s: .inf` passed `gt=0`, and every code verdict became `error`."""
+    with pytest.raises(ConfigError, match=rf"{re.escape(field)}: Input should be a finite number"):
+        load_config("configs/tiny.yaml", [f"{field}={value}"])
+
+
+def test_every_float_field_of_every_section_refuses_infinity() -> None:
+    """One rule covers them all: each float field of each section, given inf, fails as not finite."""
+    from pydantic import ValidationError
+
+    from variational import config
+
+    sections = [c for c in vars(config).values() if isinstance(c, type) and issubclass(c, config.Strict)]
+    checked = 0
+    for section in sections:
+        for name, field in section.model_fields.items():
+            if float not in (field.annotation, *typing.get_args(field.annotation)):  # float, float | None
+                continue
+            with pytest.raises(ValidationError) as err:
+                section.model_validate({name: float("inf")})
+            assert any(e["loc"] == (name,) and e["type"] == "finite_number" for e in err.value.errors()), (
+                f"{section.__name__}.{name} accepts inf"
+            )
+            checked += 1
+    assert checked >= 15
+
+
+def test_a_folder_or_non_utf8_config_is_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "conf.yaml"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=r"conf\.yaml' cannot be read: Is a directory$"):
+        load_config(folder)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: caf\xe9\nbase_model: m\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text \(byte 0xe9 at offset 9\)"):
+        load_config(latin1)

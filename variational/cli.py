@@ -76,6 +76,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flows.recipe import variational
     from variational.config import load_config
 
+    # every run served reads and writes D (absolute: a flow run may start in another directory), not the
+    # config's data_root; a separate parameter, so that a run's `--param overrides=[...]` keeps it
+    data_root = str(Path(args.data_root).resolve()) if args.data_root else None
     deployments = []
     for name in args.names:
         config = REPO / "configs" / f"{name}.yaml"
@@ -84,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 variational,
                 load_config(config).executor,
                 name=name,
-                parameters={"config": str(config), "overrides": []},
+                parameters={"config": str(config), "overrides": [], "data_root": data_root},
                 description=f"The variational recipe with configs/{name}.yaml",
             )
         )
@@ -92,13 +95,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from variational.analysis.sql import run_sql
+    from variational.analysis.sql import parse_memory, run_sql
 
     if args.file:
         path = Path(args.file)
         if not path.exists() and (REPO / "sql" / f"{args.file.removesuffix('.sql')}.sql").exists():
             path = REPO / "sql" / f"{args.file.removesuffix('.sql')}.sql"
-        query = path.read_text()
+        try:
+            query = path.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as err:  # missing, a folder, no permission, not text
+            why = getattr(err, "strerror", None) or "not UTF-8 text"
+            raise CliError(f"sql -f {args.file}: cannot read {str(path)!r}: {why}") from None
     elif args.query:
         query = args.query
     else:
@@ -107,11 +114,15 @@ def cmd_sql(args: argparse.Namespace) -> int:
             ", ".join(p.stem for p in sorted((REPO / "sql").glob("*.sql"))),
         )
         return 2
-    df = run_sql(args.data_root, args.run, query)
+    limits = {"memory": parse_memory(args.memory)} if args.memory else {}
+    limits |= {"timeout_s": args.timeout} if args.timeout else {}  # the defaults are sql.py's
+    df = run_sql(args.data_root, args.run, query, args.max_rows, **limits)
     import polars as pl
 
     with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
-        print(df)
+        print(df.head(args.max_rows))
+    if df.height > args.max_rows:  # run_sql computed max_rows + 1 rows: there is more
+        print(f"(the first {args.max_rows} rows; the result has more: raise --max-rows or narrow the query)")
     return 0
 
 
@@ -310,9 +321,24 @@ def _add_plan(sub: Any) -> None:
 def _add_serve(sub: Any) -> None:
     s = sub.add_parser("serve", help="serve the deployments to a Prefect server (prefect server start)")
     s.add_argument("names", nargs="*", default=["tiny", "subset-1k", "full-17k"])
-    s.add_argument("--data-root", default=None)
+    s.add_argument(
+        "--data-root", default=None, help="where every served run reads and writes (default: each config's)"
+    )
     s.add_argument("--limit", type=int, default=1, help="concurrent flow runs")
     s.set_defaults(func=cmd_serve)
+
+
+def _positive(kind: type) -> Any:
+    """An argparse type: a number of `kind` above 0 (argparse prints the one-line usage error otherwise)."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not value > 0:  # `not >`: nan too
+            raise ValueError(text)
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"  # argparse names the type in its error
+    return parse
 
 
 def _add_store_commands(sub: Any) -> None:
@@ -322,7 +348,15 @@ def _add_store_commands(sub: Any) -> None:
     q.add_argument("query", nargs="?")
     q.add_argument("-f", "--file", help="a .sql file, or the name of a saved analysis in sql/")
     q.add_argument("--data-root", default="data")
-    q.add_argument("--max-rows", type=int, default=50)
+    q.add_argument(
+        "--max-rows", type=_positive(int), default=50, help="rows to print (only those are computed)"
+    )
+    q.add_argument(
+        "--timeout", type=_positive(float), help="seconds before the query is stopped (default 300)"
+    )
+    q.add_argument(
+        "--memory", help="DuckDB's memory limit, e.g. 4GB or 512MiB (default: a quarter of the RAM)"
+    )
     q.set_defaults(func=cmd_sql)
 
     ls = sub.add_parser("runs", help="list runs and their stage status")
@@ -440,8 +474,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run a sub-command; the errors a user causes or fixes print one line (no traceback) and set the exit
     code: 2 for a bad config, a missing run or file, a damaged run.json or manifest, a path the store refuses,
     a read-only root that must be written, an unreachable server; 1 for SQL that fails; 3 when another run
-    is computing a stage or a damaged file was set aside (rerun)."""
+    is computing a stage or a damaged file was set aside (rerun); 130 after Ctrl-C."""
     args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:  # Ctrl-C outside a run (a run handles SIGINT itself: variational/shutdown.py)
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     import duckdb
 
     from variational.analysis.sql import SqlError

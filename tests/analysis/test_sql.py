@@ -329,3 +329,59 @@ def test_a_shard_symlinked_outside_is_not_read(small_run: Path, tmp_path: Path) 
     assert "entry 'part-00000.parquet' is refused" in status and "symbolic link" in status
     with pytest.raises(sqlview.SqlError, match="verdicts is unreadable"):
         sqlview.run_sql(small_run, RUN, "SELECT * FROM verdicts")
+
+
+# ---------------------------------------------------------------- limits: time, memory, rows, spill folder (issue 17)
+ENDLESS = "SELECT count(*) FROM range(100000000000) t(i) WHERE i % 7 = 3"  # ~10^11 rows: hours here
+
+
+def test_a_query_past_its_timeout_is_stopped(small_run: Path) -> None:
+    with pytest.raises(sqlview.SqlError, match=r"ran past its time limit of 1 s") as err:
+        sqlview.run_sql(small_run, RUN, ENDLESS, timeout_s=1)
+    assert "\n" not in str(err.value)
+    assert sqlview.run_sql(small_run, RUN, "SELECT count(*) FROM verdicts", timeout_s=60).item() == 2
+
+
+def test_the_memory_limit_is_set_and_honoured(small_run: Path) -> None:
+    setting = "SELECT current_setting('memory_limit') AS m"
+    assert sqlview.run_sql(small_run, RUN, setting, memory=sqlview.parse_memory("64MiB")).item() == "64.0 MiB"
+    default = sqlview.run_sql(small_run, RUN, setting).item()  # a quarter of RAM, not DuckDB's 80%
+    gib = float(default.split()[0]) * (1 if default.endswith("GiB") else 1 / 1024)
+    assert gib * 2**30 == pytest.approx(sqlview.default_memory(), rel=0.02)  # printed to 0.1 GiB
+    one_big_string = "SELECT length(string_agg(i::VARCHAR, ',')) FROM range(100000000) t(i)"  # ~900 MB
+    with pytest.raises(sqlview.SqlError, match=r"Out of Memory.*raise it with --memory") as err:
+        sqlview.run_sql(small_run, RUN, one_big_string, memory=sqlview.parse_memory("64MB"))
+    assert "\n" not in str(err.value)
+
+
+def test_parse_memory() -> None:
+    assert sqlview.parse_memory("4GB") == 4 * 10**9 and sqlview.parse_memory("512 MiB") == 512 * 2**20
+    assert sqlview.parse_memory("1.5gb") == 1_500_000_000
+    for bad in ("4", "lots", "4XB", "-1GB", "100KB"):
+        with pytest.raises(sqlview.SqlError, match="give a size of at least 1MB"):
+            sqlview.parse_memory(bad)
+
+
+def test_max_rows_computes_only_the_rows_it_returns(small_run: Path) -> None:
+    """10^12 rows of 1 KB: built whole, the frame would not fit in any memory limit nor finish in a day."""
+    huge = "SELECT i, repeat('x', 1000) AS pad FROM range(1000000000000) t(i)"
+    df = sqlview.run_sql(small_run, RUN, huge, max_rows=5, timeout_s=60, memory=sqlview.parse_memory("256MB"))
+    assert df["i"].to_list() == [0, 1, 2, 3, 4, 5]  # max_rows + 1: the caller sees there is more
+    assert sqlview.run_sql(small_run, RUN, "SELECT * FROM verdicts", max_rows=5).height == 2
+    assert sqlview.run_sql(small_run, RUN, "DESCRIBE verdicts", max_rows=1).height == 2
+    assert sqlview.run_sql(small_run, RUN, "SELECT 1 AS a; SELECT 2 AS b", max_rows=5).rows() == [(2,)]
+
+
+def test_the_working_directory_tmp_is_not_readable(
+    small_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DuckDB's default temp directory is `.tmp` of the working directory, and queries may read it."""
+    cwd = tmp_path / "cwd"
+    (cwd / ".tmp").mkdir(parents=True)
+    (cwd / ".tmp" / "secret.csv").write_text("token\nhunter2\n")
+    monkeypatch.chdir(cwd)
+    for path in (".tmp/secret.csv", str(cwd / ".tmp" / "secret.csv")):
+        with pytest.raises(sqlview.SqlError, match="Permission Error"):
+            sqlview.run_sql(small_run, RUN, f"SELECT * FROM read_csv('{path}')")
+    spill = sqlview.run_sql(small_run, RUN, "SELECT current_setting('temp_directory')").item()
+    assert Path(spill).stat().st_mode & 0o077 == 0 and not Path(spill).is_relative_to(cwd)

@@ -68,3 +68,54 @@ def test_json_array_file_and_unsupported_suffix(tmp_path: Path) -> None:
     bad.write_text("a\n1\n")
     with pytest.raises(ValueError, match="unsupported data file"):
         read_rows(str(bad))
+
+
+def test_a_deeply_nested_row_rejects_only_itself(tmp_path: Path) -> None:
+    """100,000 nested brackets raised RecursionError out of the reader (issue 17 item 5); a row just deeper
+    than MAX_NESTING, which Python's decoder still reads, is rejected the same way."""
+    from variational.data.raw import MAX_NESTING, TOO_DEEP
+
+    path = tmp_path / "raw.jsonl"
+    just_deeper = '{"a": ' + "[" * MAX_NESTING + "]" * MAX_NESTING + "}"  # the row is a level of its own
+    at_the_limit = '{"a": ' + "[" * (MAX_NESTING - 1) + "]" * (MAX_NESTING - 1) + "}"
+    path.write_text(
+        '{"a": 1}\n'
+        + '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
+        + '{"a": ' + '{"b": ' * 5000 + "1" + "}" * 5000 + "}\n"
+        + just_deeper + "\n" + at_the_limit + "\n"
+    )  # fmt: skip
+    rr = read_rows(str(path))
+    assert rr.n_rows == 5 and [r["row_index"] for r in rr.rows] == [0, 4]
+    assert [(r["row_index"], r["reason"]) for r in rr.rejects] == [
+        (1, f"line 2: {TOO_DEEP}"),
+        (2, f"line 3: {TOO_DEEP}"),
+        (3, f"line 4: {TOO_DEEP}"),
+    ]
+
+
+def test_deep_rows_from_parquet_and_json_arrays(tmp_path: Path) -> None:
+    from variational.data.raw import MAX_NESTING, TOO_DEEP, parse_json
+
+    deep: object = 1
+    for _ in range(MAX_NESTING + 5):
+        deep = [deep]
+    arr = tmp_path / "raw.json"
+    arr.write_text(json.dumps([{"a": 1}, {"a": deep}, {"a": 2}]))
+    rr = read_rows(str(arr))
+    assert [r["a"] for r in rr.rows] == [1, 2] and rr.rejects[0]["reason"] == TOO_DEEP
+    arr.write_text("[" + "[" * 100_000 + "]" * 100_000 + "]")  # one array: too deep to decode at all
+    with pytest.raises(ValueError, match=f"not a readable JSON array \\({TOO_DEEP}\\)"):
+        read_rows(str(arr))
+    with pytest.raises(ValueError, match=TOO_DEEP):
+        parse_json("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(json.JSONDecodeError):
+        parse_json("{not json")
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
+def test_a_dataset_without_rows_is_an_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"no rows in .*empty\.jsonl \(empty, or only blank lines\)"):
+        read_rows(str(path))
+    assert read_rows(str(path), indices={0}).n_rows == 0  # a lookup of some rows is not a dataset load

@@ -211,13 +211,22 @@ def test_a_cached_rerun_on_s3_reuses_every_stage_and_fetches_models(
     print(f"s3 cached rerun: upload {upload_s:.0f} s, rerun {time.monotonic() - t0:.0f} s")
 
 
-def test_deployment_run_through_a_prefect_server(run_a: Path) -> None:
-    """`prefect server start` + `variational serve tiny` + `prefect deployment run variational/tiny`: the served
-    flow run finishes and, pointed at run A's data root, reuses every stage (nothing recomputed)."""
-    env = _env(run_a) | {"PREFECT_API_URL": "http://127.0.0.1:4277/api", "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+def _files(folder: Path) -> dict[str, int]:
+    """mtime_ns of every file under `folder` ({} when it does not exist)."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_deployment_run_through_a_prefect_server(run_a: Path, tmp_path: Path) -> None:
+    """`prefect server start` + `variational serve tiny --data-root COPY` + `prefect deployment run
+    variational/tiny --watch` (issue 17 item 8): the served run reads and writes COPY, a copy of run A's
+    finished root, so it reuses every stage there; before, it recomputed the recipe into <repo>/data."""
+    copy = tmp_path / "served"
+    # hard links: a run replaces files (temp file + rename), never writes into them, so run A stays as it is
+    shutil.copytree(run_a / "tiny", copy / "tiny", copy_function=os.link)
+    env = _env(copy) | {"PREFECT_API_URL": "http://127.0.0.1:4277/api", "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     prefect = str(Path(sys.executable).with_name("prefect"))
-    before = snapshot(run_a)
+    before, project_data = snapshot(copy), _files(REPO / "data")
     server = subprocess.Popen(
         [prefect, "server", "start", "--host", "127.0.0.1", "--port", "4277"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -231,10 +240,11 @@ def test_deployment_run_through_a_prefect_server(run_a: Path) -> None:
             except OSError:
                 time.sleep(1)
         serve = subprocess.Popen(
-            _cli(run_a, "serve", "tiny", "--data-root", str(run_a)), cwd=REPO, env=env,
+            _cli(copy, "serve", "tiny", "--data-root", str(copy)), cwd=REPO, env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
-        overrides = json.dumps([f"data_root={run_a}", SMALL_EVAL])
+        # run A's eval setting; the deployment's data_root is a parameter of its own, kept by these overrides
+        overrides = json.dumps([SMALL_EVAL])
         for _ in range(60):  # the deployment exists once `serve` has registered it
             run = subprocess.run(
                 [prefect, "deployment", "run", "variational/tiny", "--param", f"overrides={overrides}", "--watch"],
@@ -249,9 +259,13 @@ def test_deployment_run_through_a_prefect_server(run_a: Path) -> None:
             if proc is not None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=60)
-    after = snapshot(run_a)
+    assert _files(REPO / "data") == project_data, "the deployment run wrote into the project's data/"
+    assert json.loads((copy / "tiny" / "run.json").read_text())["config"]["data_root"] == str(copy)
+    assert set(stages(copy)) >= {*ROUND_ONE, "eval"} and computed(copy) == set(), (
+        f"the deployment run recomputed {computed(copy)}"
+    )
+    after = snapshot(copy)
     assert all(after.get(k) == v for k, v in before.items()), "the deployment run recomputed finished stages"
-    assert computed(run_a) == set(), f"the deployment run recomputed {computed(run_a)}"
 
 
 def _first_shard_without_manifest(root: Path, stage: str) -> bool:

@@ -384,3 +384,35 @@ def test_problems_stage_on_the_embedded_set(tmp_path: Path) -> None:
     assert ref["rows"] == 5 and ref["rows_in"] == 5
     assert [f["file"] for f in ref["files"]] == ["part-00000.parquet", "rejects.parquet"]
     assert run_stage(PROBLEMS, cfg, {}) == ref
+
+
+# ---------------------------------------------------------------- nesting and empty data (issue 17 item 5)
+def test_deeply_nested_rows_and_tests_reject_only_themselves(tmp_path: Path) -> None:
+    """A RecursionError from one row (or from its `tests` JSON) killed the problems stage and `data check`."""
+    deep_row = {**GOOD_MATH, "conversations": [{"from": "user", "value": "q"}], "x": "PLACEHOLDER"}
+    deep_tests = {**GOOD_CODE, "tests": "[" * 100_000 + "]" * 100_000}
+    lines = [json.dumps(r) for r in (GOOD_MATH, deep_row, deep_tests, GOOD_CODE)]
+    lines[1] = lines[1].replace('"PLACEHOLDER"', "[" * 100_000 + "]" * 100_000)
+    path = tmp_path / "raw.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    result = load_and_ingest(DataConfig(dataset=str(path), derive_sources=False))
+    assert result.problems["prompt_idx"].to_list() == [0, 3]
+    assert [(r["row_index"], r["reason"]) for r in result.rejects.to_dicts()] == [
+        (1, "line 2: nested deeper than 100 levels of lists/objects"),
+        (2, "tests: nested deeper than 100 levels of lists/objects"),
+    ]
+    check = check_dataset(str(path))
+    assert (check.rows, check.accepted, check.rejects.height) == (4, 2, 2)
+
+
+def test_data_check_deep_and_empty_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "deep.jsonl"
+    path.write_text(json.dumps(GOOD_MATH) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert main(["data", "check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "2 rows, 1 accepted, 1 rejected" in out and "line 2: nested deeper than 100 levels" in out
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["data", "check", str(empty)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "no rows in" in captured.err

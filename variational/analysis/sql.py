@@ -10,11 +10,24 @@ leaves its stage out (status `unreadable`) and the other tables queryable.
 Read-only: `run_sql` accepts only SELECT-type statements (SELECT, WITH, FROM, VALUES, DESCRIBE, SHOW,
 SUMMARIZE), and every connection is locked down once its views exist: no file outside the run's folders, no
 extensions, no settings change. Errors are `SqlError`, one line.
+
+Bounded: a query runs under a time limit (`timeout_s`, default 300 s) and a memory limit (default a quarter
+of RAM, not DuckDB's 80%), spills to a private folder of this process (DuckDB's default, `.tmp` of the
+working directory, would be readable by the query), and with `max_rows` computes only that many rows plus
+one. It runs in a worker thread so that Ctrl-C stops it: DuckDB itself ignores SIGINT until a query ends.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -32,6 +45,10 @@ META_VIEW = "run_stages"
 # DuckDB's statement types that only read. COPY, ATTACH, EXPORT, INSERT, CREATE, LOAD/INSTALL, SET, PRAGMA,
 # CALL and EXPLAIN (EXPLAIN ANALYZE runs the statement it explains) are refused before anything runs.
 READ_ONLY_STATEMENTS = {duckdb.StatementType.SELECT}
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_MEMORY_SHARE = 0.25  # of physical RAM; DuckDB's own default, 80%, is 18.8 GB of a 24 GB machine
+_MEMORY_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
+_MEMORY_UNITS |= {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 
 
 class SqlError(ValueError):
@@ -56,9 +73,32 @@ def _files_sql(files: list[Path]) -> str:
     return "[" + ", ".join(_sql_string(str(f)) for f in files) + "]"
 
 
-def connect(data_root: str | Path, run: str) -> duckdb.DuckDBPyConnection:
+def parse_memory(text: str) -> int:
+    """'4GB', '512MiB', '1.5 GB' -> bytes (GB = 10^9, GiB = 2^30, as DuckDB counts); SqlError otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)\s*", text, re.IGNORECASE)
+    if match is None or (size := int(float(match[1]) * _MEMORY_UNITS[match[2].lower()])) < 1 << 20:
+        raise SqlError(f"memory limit {text!r}: give a size of at least 1MB, e.g. 4GB or 512MiB")
+    return size
+
+
+def default_memory() -> int:
+    """DEFAULT_MEMORY_SHARE of this machine's physical RAM, in bytes."""
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * DEFAULT_MEMORY_SHARE)
+
+
+@functools.cache
+def _spill_dir() -> str:
+    """DuckDB's temporary folder, private to this process (mode 0700) and removed at exit. DuckDB lets
+    queries read its temporary folder, and its default is `.tmp` of the working directory."""
+    path = tempfile.mkdtemp(prefix="variational-sql-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def connect(data_root: str | Path, run: str, memory: int | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with one view per stage table of `run` and the `run_stages` overview, locked so
-    that queries read only the run's folders (see `_lock_down`)."""
+    that queries read only the run's folders and use at most `memory` bytes (default: `default_memory`;
+    see `_lock_down`)."""
     con = duckdb.connect()
     con.execute("SET autoinstall_known_extensions = false")  # before any read: s3:// never loads httpfs
     con.execute("SET autoload_known_extensions = false")
@@ -102,17 +142,19 @@ def connect(data_root: str | Path, run: str) -> duckdb.DuckDBPyConnection:
         with contextlib.suppress(duckdb.Error):
             con.execute(f"CREATE VIEW {_quote(name)} AS SELECT * FROM read_parquet({_sql_string(str(path))})")
     con.register(META_VIEW, pl.DataFrame(meta, schema=_META_SCHEMA))
-    _lock_down(con, readable)
+    _lock_down(con, readable, memory or default_memory())
     return con
 
 
-def _lock_down(con: duckdb.DuckDBPyConnection, readable: list[Path | str]) -> None:
-    """No file access but reading the run's folders (paths, or URLs on object storage), no extensions, and
-    no way to change that back.
+def _lock_down(con: duckdb.DuckDBPyConnection, readable: list[Path | str], memory: int) -> None:
+    """No file access but reading the run's folders (paths, or URLs on object storage), no extensions, a
+    memory limit, a private spill folder, and no way to change that back.
 
     `allowed_directories` lets DuckDB write there too (COPY TO, ATTACH), which is why `run_sql` also
     refuses every statement that is not a SELECT."""
     dirs = sorted({str(d.resolve() if isinstance(d, Path) else d).rstrip("/") + "/" for d in readable})
+    con.execute(f"SET memory_limit = '{int(memory)}B'")
+    con.execute(f"SET temp_directory = {_sql_string(_spill_dir())}")
     con.execute(f"SET allowed_directories = [{', '.join(_sql_string(d) for d in dirs)}]")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
@@ -184,15 +226,33 @@ def check_read_only(sql: str) -> None:
             )
 
 
-def run_sql(data_root: str | Path, run: str, query: str) -> pl.DataFrame:
+def run_sql(
+    data_root: str | Path,
+    run: str,
+    query: str,
+    max_rows: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    memory: int | None = None,
+) -> pl.DataFrame:
     """Run read-only SQL (text, .sql file or saved query name) over a run's views; the last statement's
-    result. Refused or failing SQL raises SqlError with one line."""
+    result, or with `max_rows` its first max_rows + 1 rows (only those are computed: more than max_rows
+    means the result goes on). Refused or failing SQL, and a query past `timeout_s` seconds or `memory`
+    bytes, raise SqlError with one line; Ctrl-C stops the query and raises KeyboardInterrupt."""
     sql = resolve_query(query)
     check_read_only(sql)
-    con = connect(data_root, run)
-    try:
+    con = connect(data_root, run, memory)
+
+    def fetch() -> pl.DataFrame:
         rel = con.sql(sql)  # runs every statement; the result is the last one's
-        return pl.DataFrame() if rel is None else rel.pl()
+        if rel is None:
+            return pl.DataFrame()
+        return (rel if max_rows is None else rel.limit(max_rows + 1)).pl()
+
+    try:
+        return _bounded(con, fetch, timeout_s)
+    except duckdb.OutOfMemoryException as err:
+        limit = f"{(memory or default_memory()) / 1e9:.2f} GB"
+        raise SqlError(f"{_one_line(err)} (the memory limit is {limit}: raise it with --memory)") from None
     except duckdb.CatalogException as err:
         views = con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
         tables = sorted({r[0] for r in views} | {META_VIEW})
@@ -219,6 +279,37 @@ def unreadable_stages(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
 def _unreadable_note(con: duckdb.DuckDBPyConnection) -> str:
     bad = unreadable_stages(con)
     return "".join(f"; {table} is {why}" for table, why in sorted(bad.items()))
+
+
+def _bounded(
+    con: duckdb.DuckDBPyConnection, work: Callable[[], pl.DataFrame], timeout_s: float
+) -> pl.DataFrame:
+    """`work()` (a query on `con`) in a worker thread, the main thread waiting: DuckDB has no time limit and
+    does not return to Python while it computes, so neither a deadline nor Ctrl-C could stop it from the
+    thread that runs it. Past `timeout_s`: interrupted, SqlError. Ctrl-C: interrupted, KeyboardInterrupt."""
+    outcome: dict[str, Any] = {}
+    done = threading.Event()  # not Thread.join: a join interrupted by Ctrl-C marks a live thread as ended
+
+    def target() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as err:  # handed to the waiting thread, raised there
+            outcome["error"] = err
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="variational-sql", daemon=True).start()
+    try:
+        done.wait(timeout_s)  # Ctrl-C interrupts the wait
+    finally:
+        while not done.is_set():  # past the deadline, or Ctrl-C: stop the query (retried: it may not run yet)
+            con.interrupt()
+            done.wait(0.1)
+    if "error" in outcome and not isinstance(outcome["error"], duckdb.InterruptException):
+        raise outcome["error"]
+    if "value" not in outcome:
+        raise SqlError(f"the query ran past its time limit of {timeout_s:g} s and was stopped (--timeout)")
+    return outcome["value"]
 
 
 def list_runs(data_root: str | Path) -> list[tuple[str, list[dict[str, Any]]]]:

@@ -5,8 +5,9 @@ In:  a dataset name: `embedded:<name>` (variational/data/<name>.jsonl), a local 
 Out: `RawRows`: the rows that could be read, as dicts, each with `row_index` (its 0-based position in the
      dataset, counting every row, bad ones too) and the read rejects (`row_index`, `file`, `file_row`, `reason`).
 
-A read reject is a jsonl line that is not UTF-8, not JSON or not a JSON object, or a row larger than
-`max_row_bytes` (its UTF-8 JSON size). Blank jsonl lines are not rows (as in `datasets`' json loader).
+A read reject is a jsonl line that is not UTF-8, not JSON or not a JSON object, a row nested deeper than
+MAX_NESTING lists/objects, or a row larger than `max_row_bytes` (its UTF-8 JSON size). Blank jsonl lines are
+not rows (as in `datasets`' json loader). A dataset without a single row is an error (ValueError).
 Why not `datasets.load_dataset("json", ...)` for local files: it types each column over the whole file, so one
 row with a string where the others have a list fails the load or retypes every row, and a non-UTF-8 byte
 aborts it without a row index.
@@ -24,6 +25,11 @@ from typing import Any
 
 EMBEDDED = "embedded:"
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# Levels of lists/objects in one row. A Bespoke-Stratos row has 3 (row, conversations, turn); Python's JSON
+# decoder and encoder recurse, so a row of 100,000 nested brackets raised RecursionError and killed
+# `variational data check` and the problems stage instead of rejecting itself (issue 17).
+MAX_NESTING = 100
+TOO_DEEP = f"nested deeper than {MAX_NESTING} levels of lists/objects"
 
 
 @dataclass
@@ -88,6 +94,30 @@ def row_bytes(row: dict[str, Any]) -> int:
     return len(json.dumps(row, ensure_ascii=False, default=str).encode())
 
 
+def too_deep(value: Any, limit: int = MAX_NESTING) -> bool:
+    """Whether `value` nests lists/dicts more than `limit` levels deep (iterative: no recursion to exhaust)."""
+    stack = [(value, 1)] if isinstance(value, dict | list | tuple) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list | tuple))
+    return False
+
+
+def parse_json(text: str | bytes) -> Any:
+    """`json.loads` whose answer to a document nested deeper than MAX_NESTING is ValueError (a reject reason),
+    never RecursionError; a syntax error stays json.JSONDecodeError (a ValueError too)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(TOO_DEEP) from None
+    if too_deep(value):
+        raise ValueError(TOO_DEEP)
+    return value
+
+
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, bytes) of every non-blank line."""
     with path.open("rb") as fh:
@@ -105,9 +135,11 @@ def _parse_line(line: bytes, number: int) -> dict[str, Any]:
             f"line {number}: not UTF-8 (byte 0x{line[err.start]:02x} at offset {err.start})"
         ) from None
     try:
-        value = json.loads(text)
+        value = parse_json(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
+    except ValueError as err:
+        raise ValueError(f"line {number}: {err}") from None
     if not isinstance(value, dict):
         raise ValueError(f"line {number}: a JSON {type(value).__name__}, expected an object")
     return value
@@ -138,6 +170,8 @@ def _file_rows(path: Path, wanted: set[int] | None) -> Iterator[tuple[int, dict[
             items = json.loads(path.read_bytes().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path}: not a readable JSON array ({err}); write it as jsonl") from None
+        except RecursionError:  # one array: a row too deep to decode takes the file with it
+            raise ValueError(f"{path}: not a readable JSON array ({TOO_DEEP}); write it as jsonl") from None
         for i, item in enumerate(items):
             yield i, item if isinstance(item, dict) else f"a JSON {type(item).__name__}, expected an object"
         return
@@ -158,8 +192,8 @@ def read_rows(
     out = RawRows(dataset)
     files = local_files(dataset, split)
     if files is None:
-        return _read_hub(dataset, split, max_row_bytes, indices, out)
-    for path in files:
+        _read_hub(dataset, split, max_row_bytes, indices, out)
+    for path in files or []:
         first = out.n_rows
         local = None if indices is None else {i - first for i in indices if i >= first}
         count = 0
@@ -168,6 +202,9 @@ def read_rows(
             _add(out, first + file_row, str(path), file_row, row, max_row_bytes, indices)
         out.spans.append((str(path), first, count))
         out.n_rows += count
+    if out.n_rows == 0 and indices is None:  # nothing to run on: say so here, not as "0 rows, 0 rejected"
+        where = ", ".join(map(str, files)) if files else f"{dataset} (split {split})"
+        raise ValueError(f"no rows in {where} (empty, or only blank lines)")
     return out
 
 
@@ -183,6 +220,8 @@ def _add(
     if indices is not None and row_index not in indices:
         return
     reason = row if isinstance(row, str) else None
+    if reason is None and too_deep(row):  # parquet, hub and JSON-array rows; jsonl lines are checked already
+        reason = TOO_DEEP
     if reason is None and max_row_bytes is not None and (size := row_bytes(row)) > max_row_bytes:
         reason = f"row is {size:,} bytes, over data.max_row_bytes={max_row_bytes:,}"
     if reason is None:
