@@ -14,6 +14,7 @@ from __future__ import annotations
 from prefect import flow
 
 from tasks.base_model import BASE_MODEL
+from tasks.decontaminate import CLEAN_PROBLEMS, CONTAMINATION
 from tasks.evaluate import EVAL
 from tasks.finetune import PI_THETA, PI_THETA0, Q_PHI
 from tasks.ingest import PROBLEMS
@@ -26,6 +27,16 @@ from tasks.verify import PRIOR_VERDICTS, VERDICTS
 from tasks.weights import WEIGHTS
 from variational.analysis.report import write_and_publish
 from variational.pipeline.runner import Call, Ref, run, start_run, step, trace
+
+
+def decontaminate(cfg: dict, problems: Ref) -> Ref:
+    """`data.decontaminate`: off -> the problems; flag -> also the `contamination` table beside them; drop ->
+    `clean_problems` (the problems minus the contaminated rows) in their place for every stage below."""
+    mode = cfg["data"]["decontaminate"]
+    if mode == "off":
+        return problems
+    found = run(CONTAMINATION, cfg, problems=problems)
+    return run(CLEAN_PROBLEMS, cfg, problems=problems, contamination=found) if mode == "drop" else problems
 
 
 def fit_posterior(cfg: dict, problems: Ref, base: Ref, policy: Ref, init: Ref | None, r: int) -> Ref:
@@ -50,7 +61,7 @@ def fit_posterior(cfg: dict, problems: Ref, base: Ref, policy: Ref, init: Ref | 
 def variational(config: str | dict = "configs/tiny.yaml", overrides: list[str] | None = None) -> dict:
     """`config`: a YAML path or name (deployments), or the config the CLI has already validated."""
     cfg = start_run(config, overrides)
-    problems = run(PROBLEMS, cfg)
+    problems = decontaminate(cfg, run(PROBLEMS, cfg))
     base = run(BASE_MODEL, cfg)
     pi_theta0 = run(PI_THETA0, cfg, problems=problems, base_model=base)
     q_phi = fit_posterior(cfg, problems, base, pi_theta0, None, 1)
