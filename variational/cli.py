@@ -161,7 +161,8 @@ def cmd_verifier_report(args: argparse.Namespace) -> int:
 
 def _contaminated(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The dataset's rows that overlap a benchmark problem (tasks/decontaminate.py, the same rule as a run):
-    against the shipped sets (`--against`, default all) and, with `--config`, that run's eval benchmarks."""
+    against the shipped sets (`--against`, default all) and, with `--config`, that run's eval benchmarks.
+    The rows are ingested again (tasks/ingest.py keeps `check_dataset` to counts and rejects)."""
     from tasks.decontaminate import training_texts
     from tasks.ingest import ingest, load_raw
     from variational import registry
@@ -198,10 +199,13 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
     try:
         check = check_dataset(args.dataset, args.split, args.max_row_bytes)
-        contaminated = _contaminated(args)
-    except (OSError, ValueError) as err:  # no such file / hub dataset, unreadable JSON array, a benchmark
+    except (OSError, ValueError) as err:  # no such file / hub dataset, unreadable JSON array
         print(f"error: cannot read {args.dataset!r}: {err}", file=sys.stderr)
         return 2
+    try:
+        contaminated = _contaminated(args)
+    except ValueError as err:  # a benchmark that cannot be loaded (hub offline, gated): one line naming it
+        raise CliError(str(err)) from None
     if args.json:
         print(json.dumps(check.as_json() | {"contaminated": contaminated}, ensure_ascii=False))
     else:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import yaml
 
 from flows.recipe import dag
 from tasks.decontaminate import CLEAN_PROBLEMS, CONTAMINATION, drop_contaminated, training_texts
@@ -149,3 +150,12 @@ def test_data_check_of_the_mini_set(capsys: pytest.CaptureFixture) -> None:
     assert len(found) == 24 and {c["benchmark"] for c in found} == {"gsm8k"}
     assert main(["data", "check", "embedded:mini_stratos", "--against", "gsm8k,bogus"]) == 2
     assert "unknown --against ['bogus']" in capsys.readouterr().err
+
+
+def test_data_check_names_a_benchmark_it_cannot_load(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    conf = load_config("tiny").model_dump(mode="json")
+    conf["eval"]["benchmarks"]["mine"] = {"path": str(tmp_path / "missing.jsonl")}
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump(conf))
+    assert main(["data", "check", "embedded:mini_stratos", "--config", str(tmp_path / "my.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: decontamination: benchmark 'mine'") and err.count("\n") == 1

@@ -206,9 +206,20 @@ def shipped_spec(name: str) -> BenchmarkConfig:
     return BenchmarkConfig(path=f"embedded:{file}", grader=grader)
 
 
-def _rows_key(spec: BenchmarkConfig) -> tuple:
+def _unloadable(name: str, spec: BenchmarkConfig, err: Exception) -> ValueError:
+    return ValueError(
+        f"decontamination: benchmark {name!r} ({spec.path}) could not be loaded: {str(err).splitlines()[0]}; "
+        "make it loadable (evaluation needs it too) or set data.decontaminate: off"
+    )
+
+
+def _rows_key(name: str, spec: BenchmarkConfig) -> tuple:
     """What decides which problems a spec loads (not k, not the GPQA option order)."""
-    return (benchmark_hash(spec), spec.grader, spec.subset, spec.split, spec.release_version, spec.difficulty)
+    try:
+        content = benchmark_hash(spec)
+    except (OSError, ValueError) as err:  # a local file that is not there
+        raise _unloadable(name, spec, err) from None
+    return (content, spec.grader, spec.subset, spec.split, spec.release_version, spec.difficulty)
 
 
 def reference_specs(
@@ -218,10 +229,10 @@ def reference_specs(
     config does not already evaluate (same content); a shipped set whose name an evaluated benchmark of other
     content takes is named by its file instead (`mmlu_pro-2000` beside a hub `mmlu_pro`)."""
     specs = {name: spec.model_copy(update={"limit": None}) for name, spec in eval_benchmarks.items()}
-    seen = {_rows_key(s) for s in specs.values()}
+    seen = {_rows_key(name, s) for name, s in specs.items()}
     for name in against:
         spec = shipped_spec(name)
-        if _rows_key(spec) in seen:
+        if _rows_key(name, spec) in seen:
             continue
         specs[REFERENCE_FILES[name][0] if name in specs else name] = spec
     return specs
@@ -229,7 +240,7 @@ def reference_specs(
 
 def reference_identity(specs: dict[str, BenchmarkConfig]) -> dict[str, list]:
     """name -> what its problems depend on (content hash or hub id, and the row filters): for fingerprints."""
-    return {name: list(_rows_key(spec)) for name, spec in sorted(specs.items())}
+    return {name: list(_rows_key(name, spec)) for name, spec in sorted(specs.items())}
 
 
 def reference_problems(specs: dict[str, BenchmarkConfig]) -> pl.DataFrame:
@@ -238,11 +249,7 @@ def reference_problems(specs: dict[str, BenchmarkConfig]) -> pl.DataFrame:
     for name, spec in specs.items():
         try:
             rows = load_benchmark(name, spec)
-        except (OSError, ValueError, ImportError) as err:
-            raise ValueError(
-                f"decontamination: benchmark {name!r} ({spec.path}) could not be loaded: "
-                f"{str(err).splitlines()[0]}; make it loadable (evaluation needs it too) or set "
-                "data.decontaminate: off"
-            ) from None
+        except (OSError, ValueError, ImportError) as err:  # hub offline or gated, a bad row
+            raise _unloadable(name, spec, err) from None
         frames.append(rows.select(pl.lit(name).alias("benchmark"), "problem_id", "problem"))
     return pl.concat(frames) if frames else pl.DataFrame(schema=REFERENCE_SCHEMA)
