@@ -2,7 +2,8 @@
 `data.decontaminate: drop`) the problems without them.
 
 In:  problems (prompt_idx, question, solution_ref); the benchmark sets of `data.decontamination.against`
-     and every benchmark of `eval.benchmarks` (all their rows; variational/data/decontamination.py).
+     and every benchmark of `eval.benchmarks` when eval.enabled (all their rows;
+     variational/data/decontamination.py).
 Out: `contamination`: one row per (prompt_idx, benchmark, problem_id) whose word n-gram overlap passes
      (CONTAMINATION_SCHEMA: field, n, overlap, shared, ngram); the SQL view of the same name.
      `clean_problems`: the problems table minus every prompt_idx of `contamination`, same columns.
@@ -56,8 +57,11 @@ def decontamination_summary(found: pl.DataFrame, references: pl.DataFrame, small
 
 
 def _references(i: Inputs) -> dict:
+    """The shipped sets of `against`, and the benchmarks the run evaluates (none with eval.enabled: false, so a
+    run that does not evaluate never needs a hub benchmark)."""
     conf = i.conf.data.decontamination
-    return dc.reference_specs(list(conf.against), dict(i.conf.eval.benchmarks))
+    evaluated = dict(i.conf.eval.benchmarks) if i.conf.eval.enabled else {}
+    return dc.reference_specs(list(conf.against), evaluated)
 
 
 def _contamination(i: Inputs) -> Output:
@@ -115,7 +119,7 @@ CONTAMINATION = Stage(
     inputs=("problems",),
     fields=("data.decontamination",),
     # which rows of which benchmarks: through `identity` (content hashes), so eval's k or limit do not count
-    uses=("eval.benchmarks",),
+    uses=("eval.benchmarks", "eval.enabled"),
     code=("variational.data.decontamination", "variational.data.benchmarks", "variational.data.raw"),
     core=_contamination,
     identity=lambda i: {"references": dc.reference_identity(_references(i))},

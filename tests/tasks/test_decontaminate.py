@@ -77,6 +77,9 @@ def test_the_stages_find_the_planted_problem_and_drop_it(tmp_path: Path) -> None
     clean = read_stage(tmp_path, clean_ref)
     assert clean["prompt_idx"].to_list() == [0, 1, 2, 3, 4] and clean_ref["dropped"] == 1
     assert clean.columns == read_stage(tmp_path, problems).columns
+    off = load_config("tiny", [f"data_root={tmp_path}", f"data.dataset={dataset}", "eval.enabled=false"])
+    unevaluated = run_stage(CONTAMINATION, off.model_dump(mode="json"), {"problems": problems})
+    assert set(found_ref["references"]) - set(unevaluated["references"]) == {"heldout", "mmlu_pro-tiny"}
 
 
 def test_dropping_every_row_is_an_error() -> None:
@@ -97,6 +100,8 @@ def test_flag_settings_recompute_the_contamination_stage_alone() -> None:
         assert {k for k in base if after[k] != base[k]} == {"contamination@1"}, change
     after = fingerprints("eval.benchmarks.heldout.k=2", "eval.benchmarks.heldout.limit=3")
     assert after["contamination@1"] == base["contamination@1"]  # the rows checked did not change
+    after = fingerprints("eval.enabled=false")  # the evaluated sets are no longer checked
+    assert after["contamination@1"] != base["contamination@1"] and after["problems@1"] == base["problems@1"]
     off = fingerprints("data.decontaminate=off")
     assert "contamination@1" not in off and off == {k: v for k, v in base.items() if k != "contamination@1"}
 
