@@ -119,7 +119,8 @@ def _tests_summary(tests: str | None) -> dict[str, Any] | None:
     return {"cases": len(io.get("inputs") or []), "fn_name": io.get("fn_name")}
 
 
-def _trace(sample: dict, weight: dict, logp: dict, rollouts: list, train: list, est: str | None) -> dict:
+def _trace(sample: dict, weight: dict, logp: dict, rollouts: list, train: list) -> dict:
+    """One trace's row of the view; Δ from `weights` (over the common think length), else the two means."""
     pi, q = logp.get("pi_theta0"), logp.get("q_phi")
     delta = _number(weight.get("log_ratio_mean"))
     if delta is None and "log_ratio_mean" not in weight and pi is not None and q is not None:
@@ -172,9 +173,7 @@ def question_view(
     estimator = next(iter(weights.values()), {}).get("estimator")
     traces = []
     for k in sorted(samples):
-        trace = _trace(
-            samples[k], weights.get(k, {}), logps.get(k, {}), rollouts.get(k, []), train, estimator
-        )
+        trace = _trace(samples[k], weights.get(k, {}), logps.get(k, {}), rollouts.get(k, []), train)
         trace["why_not"] = why_not(trace, estimator, max_think_tokens) if weights.get(k) else None
         traces.append(trace)
     selected = [t["sample_idx"] for t in traces if t["selected"]]
