@@ -1,6 +1,6 @@
 """One benchmark command, one markdown table: each comparison measured side by side in the same run.
 
-    .venv/bin/python bench/bench.py [--quick] [--sections scorer,trainer,sampler,verifier,executor]
+    .venv/bin/python bench/bench.py [--quick] [--sections scorer,trainer,sampler,verifier,executor,decontamination]
 
 (a) scorer: packed + chunked lm-head (variational.engines.scoring) vs the naive full-vocabulary log_softmax, tokens/s
     and peak memory at three sequence lengths (CPU: the embedded SmolLM2-135M; GPU: the same, bf16).
@@ -8,6 +8,8 @@
 (c) sampler: vLLM vs the transformers fallback (variational.engines.sampling.Sampler), generated tokens/s.
 (d) verifier: tasks/verify.py `check_answers` on the labelled pairs in ../shared/data, pairs/s.
 (e) executor: the posterior_samples stage through the runner, local vs Ray with 2 workers (issue 9 §5).
+(f) decontamination: variational.data.decontamination on a synthetic 16,710-row set against every shipped
+    benchmark problem (and on the training-prompt files of ../shared/data when present: what they flag).
 Each section runs in its own try block: a missing piece becomes a "skipped"/"error" row, never a dead table.
 The table is printed and appended to bench/results/<host>-<date>.md.
 Peak memory: CUDA max_memory_allocated on GPU; on CPU the peak RSS above the starting RSS, polled every ms
@@ -378,12 +380,98 @@ def bench_verifier(quick: bool, device: str) -> list[Row]:
     ]
 
 
+# ---------------------------------------------------------------- (f) decontamination
+def synthetic_training_texts(n_rows: int, plant: int, seed: int = 0):
+    """n_rows questions (60 words) and reference solutions (250 words) of words drawn at random, by frequency,
+    from the shipped benchmark problems (math-like tokens in an order that matches nothing), with `plant`
+    benchmark problems copied verbatim under a lead-in; returns (texts, references, planted prompt_idx)."""
+    import random
+
+    import polars as pl
+
+    from variational.data import decontamination as dc
+
+    refs = dc.reference_problems(dc.reference_specs(list(dc.REFERENCE_FILES), {}))
+    # whitespace tokens of at most 8 characters ("$x^2$," but no whole formula, which would repeat its problem)
+    vocabulary = [w for p in refs["problem"].to_list() for w in p.split() if len(w) <= 8]
+    rng = random.Random(seed)
+    questions = [" ".join(rng.choices(vocabulary, k=60)) for _ in range(n_rows)]
+    solutions = [" ".join(rng.choices(vocabulary, k=250)) for _ in range(n_rows)]
+    planted = set(rng.sample(range(n_rows), plant))
+    for i in planted:
+        questions[i] = "Here is one for you to solve. " + rng.choice(refs["problem"].to_list())
+    texts = pl.DataFrame(
+        {"prompt_idx": list(range(n_rows)) * 2, "field": ["question"] * n_rows + ["solution"] * n_rows},
+        schema={"prompt_idx": pl.Int64, "field": pl.String},
+    ).with_columns(text=pl.Series(questions + solutions))
+    return texts, refs, planted
+
+
+def _shared_prompts(name: str):
+    import json
+
+    import polars as pl
+
+    rows = [json.loads(line) for line in (SHARED_DATA / name).read_text().splitlines()]
+    parts = [("question", "problem"), ("solution", "solution")]
+    return pl.DataFrame(
+        [(i, field, r[key]) for field, key in parts for i, r in enumerate(rows) if r.get(key)],
+        schema={"prompt_idx": pl.Int64, "field": pl.String, "text": pl.String},
+        orient="row",
+    )
+
+
+def bench_decontamination(quick: bool, device: str) -> list[Row]:
+    import polars as pl
+
+    from variational.data import decontamination as dc
+
+    n_rows = 2_000 if quick else 16_710
+    texts, refs, planted = synthetic_training_texts(n_rows, plant=100)
+    words = int(dc.words_of(texts["text"]).list.len().sum())
+    t0, c0 = time.perf_counter(), time.process_time()
+    found = dc.find_contamination(texts, refs)
+    took, cpu = time.perf_counter() - t0, time.process_time() - c0
+    hit = set(found["prompt_idx"].to_list())
+    rows = [
+        row(
+            "decontamination",
+            "13/8-gram sets",
+            f"{n_rows:,} synthetic rows (question + solution, {words / 1e6:.1f}M words) x {refs.height:,} problems",
+            f"{took:.1f} s wall, {cpu:.1f} s CPU ({words / took / 1e6:.2f}M words/s)",
+            notes=f"planted {len(planted)} found {len(planted & hit)} (the others have < 8 words); "
+            f"other rows flagged {len(hit - planted)}",
+        )
+    ]
+    for name in ("train_prompts_aime_1983_2023.jsonl", "train_prompts_math_train.jsonl"):
+        if not (SHARED_DATA / name).exists():
+            rows.append(row("decontamination", name, "-", "skipped", notes=f"not in {SHARED_DATA}"))
+            continue
+        prompts = _shared_prompts(name)
+        t0 = time.perf_counter()
+        found = dc.find_contamination(prompts, refs)
+        took = time.perf_counter() - t0
+        per = found.group_by("benchmark").agg(pl.col("prompt_idx").n_unique()).sort("benchmark").rows()
+        rows.append(
+            row(
+                "decontamination",
+                name.removesuffix(".jsonl"),
+                f"{prompts['prompt_idx'].n_unique():,} shared-data prompts",
+                f"{took:.1f} s",
+                notes=f"{found['prompt_idx'].n_unique()} rows flagged: "
+                + ", ".join(f"{b} {n}" for b, n in per),
+            )
+        )
+    return rows
+
+
 SECTIONS = {
     "scorer": bench_scorer,
     "trainer": bench_trainer,
     "sampler": bench_sampler,
     "verifier": bench_verifier,
     "executor": bench_executor,
+    "decontamination": bench_decontamination,
 }
 
 

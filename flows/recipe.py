@@ -16,6 +16,7 @@ import json
 from prefect import flow
 
 from tasks.base_model import BASE_MODEL
+from tasks.decontaminate import CLEAN_PROBLEMS, CONTAMINATION
 from tasks.evaluate import EVAL
 from tasks.finetune import PI_THETA, PI_THETA0, Q_PHI
 from tasks.ingest import PROBLEMS
@@ -28,6 +29,16 @@ from tasks.verify import PRIOR_VERDICTS, VERDICTS
 from tasks.weights import WEIGHTS
 from variational.analysis.report import write_and_publish
 from variational.pipeline.runner import Call, Ref, run, start_run, step, trace
+
+
+def decontaminate(cfg: dict, problems: Ref) -> Ref:
+    """`data.decontaminate`: off -> the problems; flag -> also the `contamination` table beside them; drop ->
+    `clean_problems` (the problems minus the contaminated rows) in their place for every stage below."""
+    mode = cfg["data"]["decontaminate"]
+    if mode == "off":
+        return problems
+    found = run(CONTAMINATION, cfg, problems=problems)
+    return run(CLEAN_PROBLEMS, cfg, problems=problems, contamination=found) if mode == "drop" else problems
 
 
 def fit_posterior(cfg: dict, problems: Ref, base: Ref, policy: Ref, init: Ref | None, r: int) -> Ref:
@@ -58,7 +69,7 @@ def variational(
     # as JSON: a YAML string whatever the path holds (`: `, `#`, a leading `*`)
     root = [f"data_root={json.dumps(data_root)}"] if data_root else []
     cfg = start_run(config, [*root, *(overrides or [])])
-    problems = run(PROBLEMS, cfg)
+    problems = decontaminate(cfg, run(PROBLEMS, cfg))
     base = run(BASE_MODEL, cfg)
     pi_theta0 = run(PI_THETA0, cfg, problems=problems, base_model=base)
     q_phi = fit_posterior(cfg, problems, base, pi_theta0, None, 1)

@@ -8,6 +8,9 @@ Out (variational/data/eval/):
   text) so the tiny evaluation is held out.
 - mmlu_pro-2000.jsonl: the stratified MMLU-Pro test subset of shared/data, unchanged.
 - mmlu_pro-tiny.jsonl: 8 of those rows, one per category for the 8 largest categories, the shortest question.
+- minerva-full.jsonl, gsm8k-full.jsonl: every row of Minerva-Math and the GSM8K test split, {id, problem,
+  answer, source} as in shared/data (text verbatim): benchmark sets the decontamination checks
+  (variational/data/decontamination.py); no shipped config evaluates them.
 
 Usage: python scripts/make_eval_sets.py [--shared /work/shared/data]
 """
@@ -107,6 +110,10 @@ def main() -> None:
     ]
     write_jsonl(mmlu, EVAL / "mmlu_pro-2000.jsonl")
     write_jsonl(mmlu_tiny(mmlu, N_MMLU_TINY), EVAL / "mmlu_pro-tiny.jsonl")
+    for bench, name in (("minerva", "minerva_math"), ("gsm8k", "gsm8k_test")):
+        items = [json.loads(line) for line in (args.shared / f"{name}.jsonl").read_text().splitlines()]
+        keep = [{k: it[k] for k in ("id", "problem", "answer", "source")} for it in items]
+        write_jsonl(keep, EVAL / f"{bench}-full.jsonl")
 
 
 if __name__ == "__main__":

@@ -196,7 +196,8 @@ def test_registry_names_the_stages_and_rules_the_modules_implement() -> None:
     from tasks import select, weights
     from variational import registry
 
-    declared = {c.stage.name for overrides in ([], ["rounds=2"]) for c in dag("tiny", overrides)}
+    runs = ([], ["rounds=2"], ["data.decontaminate=drop"])
+    declared = {c.stage.name for overrides in runs for c in dag("tiny", overrides)}
     assert declared == set(registry.STAGES), declared ^ set(registry.STAGES)
     assert set(weights.ESTIMATORS) == set(registry.ESTIMATORS)
     assert set(weights.QUESTION_WEIGHTINGS) | {"none"} == set(registry.QUESTION_WEIGHTINGS)

@@ -1,4 +1,5 @@
-"""`variational` command line: run, serve, sql, runs, report, models prepare, verifier-report, export.
+"""`variational` command line: run, serve, sql, runs, report, show, export, models prepare, verifier-report,
+data check.
 
 Examples:
     variational run tiny                          # configs/tiny.yaml, no Prefect server needed
@@ -9,6 +10,8 @@ Examples:
     variational serve                             # serve variational/{tiny,subset-1k,full-17k} to a Prefect server
     variational plan full-17k --gpus 8            # work, GPU-hours and wall time before launching
     variational export tiny --out out/tiny-train  # the train table as a Hub dataset folder (+ --push REPO_ID)
+    variational show tiny 3                       # one question: its traces, weights, rollouts, train rows
+    variational data check my.jsonl --json        # rejected rows and rows that overlap a benchmark
 """
 
 from __future__ import annotations
@@ -187,8 +190,40 @@ def cmd_verifier_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _contaminated(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The dataset's rows that overlap a benchmark problem (tasks/decontaminate.py, the same rule as a run):
+    against the shipped sets (`--against`, default all) and, with `--config`, that run's eval benchmarks.
+    The rows are ingested again (tasks/ingest.py keeps `check_dataset` to counts and rejects)."""
+    from tasks.decontaminate import training_texts
+    from tasks.ingest import ingest, load_raw
+    from variational import registry
+    from variational.config import DecontaminationConfig, load_config
+    from variational.data import decontamination as dc
+
+    conf, benchmarks = DecontaminationConfig(), {}
+    if args.config:
+        run_conf = load_config(args.config)
+        conf, benchmarks = run_conf.data.decontamination, run_conf.eval.benchmarks
+    if args.against is not None:
+        names = [] if args.against == "none" else [s.strip() for s in args.against.split(",") if s.strip()]
+        if unknown := sorted(set(names) - set(registry.REFERENCE_SETS)):
+            raise CliError(
+                f"data check: unknown --against {unknown}; choose from {','.join(registry.REFERENCE_SETS)}"
+            )
+        conf = conf.model_copy(update={"against": names})
+    problems, _ = ingest(load_raw(args.dataset, args.split, args.max_row_bytes))
+    references = dc.reference_problems(dc.reference_specs(list(conf.against), benchmarks))
+    found = dc.find_contamination(training_texts(problems), references, conf.ngrams, conf.min_overlap)
+    return [
+        {"index": r["prompt_idx"], "benchmark": r["benchmark"], "problem": r["problem_id"],
+         "overlap": round(r["overlap"], 4), "field": r["field"], "n": r["n"], "ngram": r["ngram"]}
+        for r in found.iter_rows(named=True)
+    ]  # fmt: skip
+
+
 def cmd_data_check(args: argparse.Namespace) -> int:
-    """Ingest's validation alone: exit 0 when every row is usable, 1 when some are rejected."""
+    """Ingest's validation, then the benchmark overlaps: exit 0 when every row is usable and none overlaps a
+    benchmark problem, 1 when some row is rejected or contaminated."""
     import json
 
     from tasks.ingest import check_dataset
@@ -198,15 +233,39 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:  # no such file / hub dataset, unreadable JSON array
         print(f"error: cannot read {args.dataset!r}: {err}", file=sys.stderr)
         return 2
+    try:
+        contaminated = _contaminated(args)
+    except ValueError as err:  # a benchmark that cannot be loaded (hub offline, gated): one line naming it
+        raise CliError(str(err)) from None
     if args.json:
-        print(json.dumps(check.as_json(), ensure_ascii=False))
+        print(json.dumps(check.as_json() | {"contaminated": contaminated}, ensure_ascii=False))
     else:
         print(
-            f"{args.dataset}: {check.rows} rows, {check.accepted} accepted, {check.rejects.height} rejected"
+            f"{args.dataset}: {check.rows} rows, {check.accepted} accepted, {check.rejects.height} rejected, "
+            f"{len({c['index'] for c in contaminated})} contaminated"
         )
         for r in check.rejects.iter_rows(named=True):
             print(f"  row {r['row_index']} ({r['file']}, row {r['file_row']}): {r['reason']}")
-    return 1 if check.rejects.height else 0
+        for c in contaminated:
+            print(
+                f"  row {c['index']}: {c['field']} overlaps {c['benchmark']} {c['problem']} "
+                f'({c["n"]}-gram share {c["overlap"]:.2f}): "{c["ngram"][:60]}"'
+            )
+    return 1 if check.rejects.height or contaminated else 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """One question of a run end to end (variational/analysis/show.py)."""
+    import json
+
+    from variational.analysis.show import ShowError, format_view, show_question
+
+    try:
+        view = show_question(args.data_root, args.run, args.prompt_idx, args.round)
+    except ShowError as err:
+        raise CliError(str(err), 2) from None
+    print(json.dumps(view, ensure_ascii=False, indent=1) if args.json else format_view(view, args.run))
+    return 0
 
 
 def _dag_steps(data_root: str, run: str) -> list | None:
@@ -418,8 +477,15 @@ def _add_data(sub: Any) -> None:
         "--max-row-bytes", type=int, default=1 << 20, help="reject larger rows (data.max_row_bytes)"
     )
     dc.add_argument(
-        "--json", action="store_true", help='print {"rows", "accepted", "rejected": [{"index", "reason"}]}'
+        "--json",
+        action="store_true",
+        help='print {"rows", "accepted", "rejected": [{"index", "reason"}], "contaminated": [{"index", '
+        '"benchmark", "problem", "overlap"}]}',
     )
+    dc.add_argument(
+        "--against", help="comma list of shipped benchmark sets to check (default: all; none: skip them)"
+    )
+    dc.add_argument("--config", help="also check that run config's eval benchmarks, with its settings")
     dc.set_defaults(func=cmd_data_check)
 
 
@@ -448,6 +514,16 @@ def _add_export(sub: Any) -> None:
     e.set_defaults(func=cmd_export)
 
 
+def _add_show(sub: Any) -> None:
+    s = sub.add_parser("show", help="one question of a run end to end: traces, weights, rollouts, train rows")
+    s.add_argument("run")
+    s.add_argument("prompt_idx", type=int)
+    s.add_argument("--round", type=int, default=None, help="EM round (default: the last)")
+    s.add_argument("--json", action="store_true", help="print the view as JSON")
+    s.add_argument("--data-root", default="data")
+    s.set_defaults(func=cmd_show)
+
+
 COMMANDS = (
     _add_run,
     _add_plan,
@@ -457,6 +533,7 @@ COMMANDS = (
     _add_verifier_report,
     _add_data,
     _add_export,
+    _add_show,
 )
 
 

@@ -172,6 +172,27 @@ class AuxDataset(Strict):
     split: str = "train"
 
 
+# Marks a field of a section that a stage of its own reads by its full path: `fields_for` leaves it out when
+# a stage fingerprints the whole section, so the problems stage (which declares `data`) does not recompute,
+# nor does every stage below it, when only the decontamination settings change.
+OWN_STAGE = {"fingerprint": "own stage"}
+
+
+class DecontaminationConfig(Strict):
+    """How training rows are matched against benchmark problems (variational/data/decontamination.py)."""
+
+    ngrams: list[Annotated[int, Field(ge=3)]] = Field(
+        [13, 8], min_length=1, description="word n-gram sizes, tried in this order (GPT-3: 13; open-r1: 8)"
+    )
+    min_overlap: float = Field(
+        0.5, gt=0, le=1, description="share of a benchmark problem's n-grams found in a training text"
+    )
+    against: list[Literal[registry.REFERENCE_SETS]] = Field(
+        list(registry.REFERENCE_SETS),
+        description="shipped benchmark sets checked besides the config's eval.benchmarks",
+    )
+
+
 class DataConfig(Strict):
     dataset: str = Field(
         "bespokelabs/Bespoke-Stratos-17k", description="hub id, local path or embedded:<name>"
@@ -192,6 +213,15 @@ class DataConfig(Strict):
     )
     aux: dict[Literal["numina", "apps", "taco", "ruc"], AuxDataset] = Field(
         default_factory=dict, description="source datasets: ground truth (numina, ruc) and tests (apps, taco)"
+    )
+    decontaminate: Literal[registry.DECONTAMINATE_MODES] = Field(
+        "flag",
+        description="off | flag: list n-gram overlaps with the benchmarks (table `contamination`) | drop: "
+        "also remove those rows before any stage trains or samples on them",
+        json_schema_extra=OWN_STAGE,
+    )
+    decontamination: DecontaminationConfig = Field(
+        default_factory=DecontaminationConfig, json_schema_extra=OWN_STAGE
     )
 
 
@@ -263,8 +293,14 @@ def fields_for(conf: RunConfig, paths: tuple[str, ...] | list[str]) -> dict[str,
             if not hasattr(node, part):
                 raise KeyError(f"config has no field {path!r}")
             node = getattr(node, part)
-        out[path] = node.model_dump(mode="json") if isinstance(node, BaseModel) else node
+        out[path] = _fingerprinted(node) if isinstance(node, BaseModel) else node
     return out
+
+
+def _fingerprinted(model: BaseModel) -> dict[str, Any]:
+    """A section as its stage's fingerprint sees it: without the fields marked OWN_STAGE."""
+    apart = {name for name, f in type(model).model_fields.items() if f.json_schema_extra == OWN_STAGE}
+    return model.model_dump(mode="json", exclude=apart)
 
 
 class ConfigError(ValueError):

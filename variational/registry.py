@@ -10,6 +10,8 @@ from __future__ import annotations
 # In DAG order. Table stages write Parquet; model stages also hold a Hugging Face folder (model/).
 STAGES = (
     "problems",  # tasks/ingest.py
+    "contamination",  # tasks/decontaminate.py: n-gram overlaps of the problems with the benchmarks
+    "clean_problems",  # tasks/decontaminate.py (data.decontaminate: drop): problems minus the contaminated
     "base_model",  # tasks/base_model.py (no table: the resolved base model folder)
     "pi_theta0",  # tasks/finetune.py: SFT of the base model on the pi_theta template
     "prior_samples",  # tasks/sample_prior.py (forward_kl q_phi, EM rounds > 1)
@@ -52,3 +54,8 @@ CODE_SANDBOXES = ("auto", "root", "userns", "none")
 # math graders of check_answers (variational/verifiers/answers.py): math-verify with our rules, or the
 # official harness's verdict (SkyThought math_equal, variational/verifiers/official_math.py)
 GRADERS = ("strict", "official")
+DECONTAMINATE_MODES = ("off", "flag", "drop")  # tasks/decontaminate.py, flows/recipe.py
+# Benchmark sets shipped in full for decontamination (variational/data/decontamination.py REFERENCE_FILES)
+REFERENCE_SETS = (
+    "aime24", "aime25", "amc23", "math500", "olympiadbench", "minerva", "gsm8k", "mmlu_pro", "heldout-tiny",
+)  # fmt: skip

@@ -122,7 +122,8 @@ def test_rows_are_the_dags_costed_stages_in_its_order(tmp_path: Path, overrides:
     assert [s.stage.split("[")[0] for s in p.stages] == [
         c.stage.name for c in calls if c.stage.name not in FREE
     ]
-    assert {c.stage.name for c in calls} & set(FREE) == {"problems", "base_model", "weights", "train"}
+    free = {"problems", "contamination", "base_model", "weights", "train"}
+    assert {c.stage.name for c in calls} & set(FREE) == free
     for s in p.stages:  # a row that names a round names its call's round
         assert "[" not in s.stage or s.stage.endswith(f"[round {s.key.split('@')[1]}]")
 

@@ -170,8 +170,30 @@ def eval_table() -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
+def contamination() -> pl.DataFrame:
+    # prompts 1 and 2 overlap a benchmark problem; with drop, clean_problems keeps prompts 0 and 3
+    return pl.DataFrame(
+        {
+            "prompt_idx": [1, 2, 2],
+            "benchmark": ["aime24", "math500", "aime24"],
+            "problem_id": ["aime24-65", "test/algebra/1.json", "aime24-70"],
+            "field": ["question", "question", "solution"],
+            "n": [13, 8, 13],
+            "overlap": [1.0, 0.6, 0.55],
+            "shared": [75, 9, 40],
+            "ngram": ["let abcd be a tetrahedron such that ab cd sqrt 41 ac bd", "x y z", "a b c"],
+        }
+    )
+
+
+def clean_problems() -> pl.DataFrame:
+    return problems().filter(~pl.col("prompt_idx").is_in([1, 2]))
+
+
 # keyed by the stage (folder) names the flow records; sqlview maps them to the table views
 TABLES = {
+    "contamination": contamination,
+    "clean_problems": clean_problems,
     "ingest": problems,
     "sample_posterior": posterior_samples,
     "score": logps,
@@ -206,6 +228,7 @@ EXPECTED_PNGS = [
     "hint_leakage.png",
     "selection_origins.png",
     "eval_avg.png",
+    "contamination.png",
 ]
 
 
@@ -237,6 +260,11 @@ def test_full_report(tmp_path: Path) -> None:
     assert "| aime24 | 25.00 | 75.00 | — | 27.29 | 31.67 |" in md
     assert "| Math avg | — | — | 21.38 | 51.35 | 55.72 |" in md
     assert "q_φ think length in tokens: median 25" in md
+    # decontamination: rows per benchmark, what drop removed, the largest overlaps first
+    assert "`data.decontaminate: drop` removed **2** of 4 problems." in md
+    assert "**2** training rows hold enough" in md
+    assert "| aime24 | 2 | 2 | 1.000 |" in md and "| math500 | 1 | 1 | 0.600 |" in md
+    assert md.index("| 1 | aime24 | aime24-65 | question | 13 | 1.00 |") < md.index("| 2 | math500 |")
 
 
 def test_report_says_when_code_ran_without_a_sandbox(tmp_path: Path) -> None:
@@ -256,10 +284,11 @@ def test_report_says_when_code_ran_without_a_sandbox(tmp_path: Path) -> None:
 
 
 def test_report_without_eval_and_weights_still_renders(tmp_path: Path) -> None:
-    make_run(tmp_path, skip=("evaluate", "weights", "select"))
+    make_run(tmp_path, skip=("evaluate", "weights", "select", "clean_problems"))
     md = report.write_report(tmp_path, RUN, out_dir=tmp_path / "elsewhere").read_text()
     assert "_No `eval` table in this run (evaluation disabled or not run)._" in md
     assert "_No `weights` table" in md and "_No `train` table" in md
+    assert "**2** training rows hold enough" in md and "removed" not in md  # flag: nothing dropped
     assert (tmp_path / "elsewhere" / "hint_leakage.png").exists()
     assert not (tmp_path / "elsewhere" / "eval_avg.png").exists()
 
@@ -269,6 +298,7 @@ def test_report_of_a_run_with_only_problems(tmp_path: Path) -> None:
     md = report.write_report(tmp_path, RUN).read_text()
     assert "think_length.png" in md  # reference traces alone still plot
     assert "_No `verdicts` table" in md and "_No `posterior_samples` table" in md
+    assert "_No `contamination` table in this run (data.decontaminate: off)._" in md
 
 
 def test_unknown_run_names_the_path(tmp_path: Path) -> None:

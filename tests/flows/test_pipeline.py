@@ -30,9 +30,14 @@ from variational.registry import STAGES
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-TABLES = ["problems", "posterior_samples", "logps", "rollouts", "verdicts", "weights", "train", "eval"]
-# hinted_sft, rounds: 1; base_model resolves a folder and keeps no table, so run.json has no entry for it
-ROUND_ONE = [s for s in STAGES if s not in ("prior_samples", "prior_verdicts", "base_model")]
+TABLES = [
+    "problems", "contamination", "posterior_samples", "logps", "rollouts", "verdicts", "weights", "train", "eval",
+]  # fmt: skip
+# hinted_sft, rounds: 1; base_model resolves a folder and keeps no table, so run.json has no entry for it;
+# clean_problems runs with data.decontaminate: drop only (tiny flags)
+ROUND_ONE = [
+    s for s in STAGES if s not in ("prior_samples", "prior_verdicts", "base_model", "clean_problems")
+]
 
 
 def _env(root: Path) -> dict[str, str]:
@@ -125,6 +130,34 @@ def test_tiny_end_to_end(run_a: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert (run_a / "tiny" / "report" / "report.md").exists()
+
+
+def test_show_one_question_of_the_tiny_run(run_a: Path) -> None:
+    """`variational show` on the real run: the JSON agrees with the weights, verdicts and train tables of its
+    question, and the text fits a 100-column terminal. The tiny run's `contamination` table is empty."""
+    assert table(run_a, "contamination").is_empty()
+    weights = table(run_a, "weights")
+    prompt = int(weights.filter("selected")["prompt_idx"].min())
+    show = [*_cli(run_a, "show", "tiny", str(prompt)), "--data-root", str(run_a)]
+    out = subprocess.run(
+        [*show, "--json"], cwd=REPO, env=_env(run_a), capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    view = json.loads(out.stdout)
+    mine = weights.filter(pl.col("prompt_idx") == prompt).sort("sample_idx")
+    for key in ("sample_idx", "eligible", "selected"):
+        assert [t[key] for t in view["traces"]] == mine[key].to_list(), key
+    verdicts = table(run_a, "verdicts").filter(pl.col("prompt_idx") == prompt)
+    per_trace = dict(verdicts.group_by("sample_idx").agg(pl.col("correct").sum()).iter_rows())
+    assert {t["sample_idx"]: sum(bool(r["correct"]) for r in t["rollouts"]) for t in view["traces"]} == {
+        k: per_trace.get(k, 0) for k in mine["sample_idx"]
+    }
+    train = table(run_a, "train").filter(pl.col("prompt_idx") == prompt).sort("row")
+    assert [(t["row"], t["origin"]) for t in view["train"]] == train.select("row", "origin").rows()
+    assert view["selected"] in train["origin"].to_list()  # 17k-mix: the selected trace is a train row
+    text = subprocess.run(show, cwd=REPO, env=_env(run_a), capture_output=True, text=True, timeout=120)
+    assert text.returncode == 0 and max(len(line) for line in text.stdout.splitlines()) <= 100
+    assert f"prompt_idx {prompt} · round 1" in text.stdout
 
 
 def test_export_of_the_tiny_run_loads_back(run_a: Path, tmp_path: Path) -> None:

@@ -18,8 +18,8 @@ def trace(*overrides: str) -> list[tuple[str, int, dict[str, str]]]:
 def test_one_round_is_the_papers_recipe() -> None:
     calls = trace()
     assert [name for name, _, _ in calls] == [
-        "problems", "base_model", "pi_theta0", "q_phi", "posterior_samples", "logps", "rollouts",
-        "verdicts", "weights", "train", "pi_theta", "eval",
+        "problems", "contamination", "base_model", "pi_theta0", "q_phi", "posterior_samples", "logps",
+        "rollouts", "verdicts", "weights", "train", "pi_theta", "eval",
     ]  # fmt: skip
     by_name = {name: inputs for name, _, inputs in calls}
     assert by_name["q_phi"] == {"problems": "problems@1", "base_model": "base_model@1"}  # hinted SFT

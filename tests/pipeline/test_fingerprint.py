@@ -141,6 +141,8 @@ DEPENDENTS = {
         *BELOW_WEIGHTS,
     },
     "tasks.evaluate": {"eval@1"},
+    # data.decontaminate: flag (tiny): the table beside problems, which no training stage reads
+    "variational.data.decontamination": {"contamination@1"},
 }
 
 
@@ -167,8 +169,8 @@ def test_a_one_statement_change_recomputes_exactly_the_stages_below(
 def test_the_dag_names_every_stage_of_the_run_once_with_its_folder() -> None:
     calls = dag("tiny")
     assert [c.stage.name for c in calls] == [
-        "problems", "base_model", "pi_theta0", "q_phi", "posterior_samples", "logps", "rollouts",
-        "verdicts", "weights", "train", "pi_theta", "eval",
+        "problems", "contamination", "base_model", "pi_theta0", "q_phi", "posterior_samples", "logps",
+        "rollouts", "verdicts", "weights", "train", "pi_theta", "eval",
     ]  # fmt: skip
     assert len({c.fingerprint for c in calls}) == len(calls)
     assert dag("tiny")[5].fingerprint == calls[5].fingerprint  # deterministic

@@ -348,6 +348,7 @@ VERIFICATIONS: dict[str, Callable[[_Work], int]] = {  # answers checked
 }
 # stages of negligible cost, not listed (stage -> what it does)
 FREE = {"problems": "reads the data", "base_model": "finds a folder", "weights": "polars", "train": "polars"}
+FREE |= {"contamination": "n-gram sets, seconds", "clean_problems": "polars"}
 
 
 def _finetune(w: _Work, call: Call) -> StageCost:

@@ -8,7 +8,8 @@ In:  the stage tables of one run (problems, posterior_samples, verdicts, weights
 Out: report.md with, per section, a plot and its key numbers as a markdown table:
      importance weights (rho_tilde per question, effective sample size 1/sum rho_tilde^2), rollout accuracy by
      source, think lengths (q_phi samples vs reference traces, in characters), hint leakage, selection
-     origins (-2 / -1 / k) and the eval summary. A table that is missing gives a line saying so.
+     origins (-2 / -1 / k), the eval summary and the benchmark overlaps of the training rows (contamination).
+     A table that is missing gives a line saying so.
 Plots use matplotlib's object API (Figure + Agg canvas), so no pyplot global state and no display needed.
 """
 
@@ -40,6 +41,8 @@ COLUMNS: dict[str, list[str]] = {
     "weights": ["prompt_idx", "sample_idx", "estimator", "eligible", "rho_tilde", "selected"],
     "train": ["origin", "weight", "prompt_idx"],
     "eval": ["model", "benchmark", "problem_id", "sample", "correct", "status"],
+    "contamination": ["prompt_idx", "benchmark", "problem_id", "field", "n", "overlap", "ngram"],
+    "clean_problems": ["prompt_idx"],
 }
 COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3")
 
@@ -382,6 +385,42 @@ def section_eval(t: dict[str, pl.DataFrame], out: Path) -> str:
     return f"{_save(fig, out / 'eval_avg.png')}\n{summary_markdown(summary, models)}"
 
 
+def section_contamination(t: dict[str, pl.DataFrame], out: Path) -> str:
+    if "contamination" not in t:
+        return _missing("contamination", "data.decontaminate: off")
+    found = t["contamination"]
+    dropped = ""
+    if "clean_problems" in t and "problems" in t:
+        n = t["problems"].height - t["clean_problems"].height
+        dropped = f"`data.decontaminate: drop` removed **{n}** of {t['problems'].height} problems.\n\n"
+    if found.is_empty():
+        return f"{dropped}No training question or reference solution overlaps a benchmark problem.\n"
+    per = (
+        found.group_by("benchmark")
+        .agg(
+            training_rows=pl.col("prompt_idx").n_unique(), pairs=pl.len(), max_overlap=pl.col("overlap").max()
+        )
+        .sort("training_rows", "benchmark", descending=[True, False])
+    )
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    bars = ax.bar(per["benchmark"].to_list(), per["training_rows"].to_list(), color=COLORS[3])
+    ax.bar_label(bars, padding=2)
+    ax.set(title="Training rows overlapping a benchmark problem", xlabel="benchmark")
+    ax.set_ylabel("training rows (count)")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    top = found.sort("overlap", "prompt_idx", descending=[True, False]).head(10)
+    top = top.with_columns(pl.col("ngram").str.slice(0, 60)).select(
+        "prompt_idx", "benchmark", "problem_id", "field", "n", "overlap", "ngram"
+    )
+    rows = found["prompt_idx"].n_unique()
+    return (
+        f"{_save(fig, out / 'contamination.png')}\n{dropped}**{rows}** training rows hold enough of a benchmark "
+        f"problem's word n-grams (data.decontamination.min_overlap; table `contamination`).\n\n{md_table(per)}\n"
+        f"Largest overlaps:\n\n{md_table(top, '{:.2f}')}"
+    )
+
+
 SECTIONS: list[tuple[str, Callable[[dict[str, pl.DataFrame], Path], str]]] = [
     ("Importance weights ρ̃ and effective sample size", section_weights),
     ("Answer-rollout accuracy by source", section_accuracy),
@@ -389,6 +428,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, pl.DataFrame], Path], str]]] = [
     ("Hint leakage", section_leakage),
     ("Selection origins", section_selection),
     ("Evaluation", section_eval),
+    ("Decontamination", section_contamination),
 ]
 
 
