@@ -12,7 +12,8 @@ import pytest
 
 from variational.analysis.show import ShowError, format_view, question_view, show_question, why_not
 from variational.cli import main
-from variational.pipeline.store import StageStore, begin_run, record_stage
+from variational.pipeline.runs import begin_run, record_stage
+from variational.pipeline.store import StageStore
 
 RUN = "showtest"
 QUESTION = (

@@ -387,7 +387,7 @@ def section_eval(t: dict[str, pl.DataFrame], out: Path) -> str:
 
 def section_contamination(t: dict[str, pl.DataFrame], out: Path) -> str:
     if "contamination" not in t:
-        return _missing("contamination", "data.decontaminate: off")
+        return _missing(t, "contamination", "data.decontaminate: off")
     found = t["contamination"]
     dropped = ""
     if "clean_problems" in t and "problems" in t:

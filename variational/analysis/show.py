@@ -21,7 +21,7 @@ import duckdb
 import polars as pl
 
 from variational.analysis.sql import connect
-from variational.pipeline.store import run_json
+from variational.pipeline.runs import run_json
 
 WIDTH = 100
 THINK_CHARS = 240  # how much of a think the view keeps
