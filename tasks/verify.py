@@ -3,15 +3,19 @@
 In:  rollouts (prompt_idx, sample_idx, rollout_idx, [round], text), problems (prompt_idx, kind, gold, tests).
 Out: table `verdicts`: the rollout keys plus extracted, correct, status, verifier, elapsed_ms (design.md).
 Math rows: our math-verify grader (variational/verifiers/math_rules.py), gold first; code rows: the last
-fenced ```python block on the APPS/TACO tests in the sandbox. `check_answers` and `check_code`
-(variational/verifiers/answers.py) are re-exported here: the public entry points of the verifier contract.
+fenced ```python block on the APPS/TACO tests in the sandbox. `parity: official` judges with the official
+math grader and the official code time limits and verdict rule (variational/parity.py `verify_rules`).
+`check_answers` and `check_code` (variational/verifiers/answers.py) are re-exported here: the public entry
+points of the verifier contract.
 """
 
 from __future__ import annotations
 
 import polars as pl
 
+from variational import parity
 from variational.config import VerifyConfig
+from variational.parity import VerifyRules
 from variational.pipeline.stage import Engine, Inputs, Stage
 from variational.verifiers.answers import (
     CODE_STATUSES,
@@ -32,11 +36,21 @@ _ROW = "__verify_row"
 
 
 def verify(
-    rollouts: pl.DataFrame, problems: pl.DataFrame, cfg: VerifyConfig, *, pool: MathPool | None = None
+    rollouts: pl.DataFrame,
+    problems: pl.DataFrame,
+    cfg: VerifyConfig,
+    *,
+    pool: MathPool | None = None,
+    rules: VerifyRules | None = None,
 ) -> pl.DataFrame:
     """rollouts[prompt_idx, (sample_idx, rollout_idx, round,) text] + problems[prompt_idx, kind, gold, tests]
     -> verdicts: the rollout keys + extracted, correct, status, verifier, elapsed_ms, in rollout order.
-    kind "code" rows run their tests; every other row goes to math-verify against `gold`."""
+    kind "code" rows run their tests; every other row goes to the math grader against `gold`. `rules`
+    (parity.verify_rules): the grader and code limits; default the strict ones of `cfg`."""
+    if rules is None:
+        rules = VerifyRules(
+            "strict", cfg.code_timeout_s, cfg.code_problem_timeout_s, cfg.code_official_quirks
+        )
     require(rollouts, ("prompt_idx", "text"), "verify: rollouts")
     require(problems, ("prompt_idx", "gold"), "verify: problems")
     keys = [k for k in KEYS if k in rollouts.columns]
@@ -55,18 +69,18 @@ def verify(
     math_rows, code_rows = joined.filter(~is_code), joined.filter(is_code)
     parts = []
     if math_rows.height:
-        parts.append(
-            check_answers(math_rows.select(_ROW, "text", "gold"), cfg.timeout_s, cfg.workers, pool=pool)
-        )
+        golds = math_rows.select(_ROW, "text", "gold")
+        parts.append(check_answers(golds, cfg.timeout_s, cfg.workers, pool=pool, grader=rules.grader))
     if code_rows.height:
         parts.append(
             check_code(
                 code_rows.select(_ROW, "text", "tests"),
-                cfg.code_timeout_s,
+                rules.code_timeout_s,
                 cfg.code_memory_mb,
                 cfg.workers,
-                official_quirks=cfg.code_official_quirks,
+                official_quirks=rules.code_quirks,
                 max_processes=cfg.code_max_processes,
+                problem_timeout_s=rules.code_problem_timeout_s,
             )
         )
     verdicts = (
@@ -95,6 +109,12 @@ def verdict_summary(verdicts: pl.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _math_pool(i: Inputs) -> MathPool | None:
+    """Our grader's workers, shared by the stage's shards (they start on the first math row); the official
+    grader's: check_answers' own, per shard."""
+    return MathPool(i.conf.verify.workers) if parity.verify_rules(i.conf).grader == "strict" else None
+
+
 def _declare(name: str, items: str) -> Stage:
     """verdicts (of rollouts) and prior_verdicts (of prior samples: the weights w_m of Eq.9) are the same
     stage on different items, sharded over them, with one MathPool for all shards."""
@@ -104,26 +124,29 @@ def _declare(name: str, items: str) -> Stage:
         return rows.rename({"response": "text"}) if "text" not in rows.columns else rows
 
     def shard(i: Inputs, engine: Engine, part: pl.DataFrame) -> pl.DataFrame:
-        return verify(part, i.table("problems"), i.conf.verify, pool=engine.get())
+        rules = parity.verify_rules(i.conf)
+        return verify(part, i.table("problems"), i.conf.verify, pool=engine.get(), rules=rules)
 
     return Stage(
         name=name,
         inputs=(items, "problems"),
         # verify.workers changes speed, not verdicts
         fields=(
+            "parity",
             "verify.timeout_s",
             "verify.code_timeout_s",
+            "verify.code_problem_timeout_s",
             "verify.code_memory_mb",
             "verify.code_max_processes",
             "verify.code_official_quirks",
             "verify.shard_size",
         ),
         uses=("verify",),
-        code=GRADING_CODE,
+        code=(*GRADING_CODE, "variational.parity"),
         plan=plan,
         shard=shard,
         shard_size="verify.shard_size",
-        engine=lambda i: MathPool(i.conf.verify.workers),  # workers start on the first math row
+        engine=_math_pool,
         summary=lambda i, verdicts: verdict_summary(verdicts),
     )
 

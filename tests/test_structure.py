@@ -16,7 +16,13 @@ PACKAGES = ["variational", "flows", "tasks", "trainers"]
 # pipeline, engines, verifiers and data are independent of each other; trainers train; analysis reads
 # finished stores; tasks declare stages on all of them; flows compose tasks; the CLI starts everything.
 LAYERS: list[set[str]] = [
-    {"variational.config", "variational.registry", "variational.templates", "variational.shutdown"},
+    {
+        "variational.config",
+        "variational.registry",
+        "variational.templates",
+        "variational.shutdown",
+        "variational.parity",
+    },
     {"variational.pipeline"},
     {"variational.engines", "variational.verifiers", "variational.data"},
     {"trainers"},

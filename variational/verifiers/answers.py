@@ -78,10 +78,17 @@ def check_answers(
     *,
     pool: MathPool | None = None,
     rules: MathRules = OURS,
+    grader: str = "strict",
 ) -> pl.DataFrame:
     """df[text, gold (list of accepted answers, or one string)] -> df + extracted, correct, status,
     verifier, elapsed_ms. Every row returns within timeout_s + HARD_GRACE_S (+ a process kill).
-    `rules` is for measuring the verifier (verifier_report); the stage uses the default."""
+    `rules` is for measuring the verifier (verifier_report); the stage uses the default.
+    `grader` (registry.GRADERS): "strict" (ours) or "official" (issue 18's official math grader)."""
+    if grader != "strict":
+        raise ValueError(
+            f"check_answers: grader {grader!r} is not available here; the official math grader is "
+            "variational/verifiers/official_math.py (issue 18, branch issue-18-math)"
+        )
     require(df, ("text", "gold"), "check_answers")
     texts, golds = df["text"].to_list(), df["gold"].to_list()
     items = [(t, _as_list(g), rules) for t, g in zip(texts, golds, strict=True)]
@@ -117,11 +124,22 @@ def check_code_row(
     memory_mb: int,
     official_quirks: bool = False,
     max_processes: int = 64,
+    problem_timeout_s: float | None = None,
+    comparison: str = "apps",
 ) -> tuple:
     """(extracted code, correct, status, elapsed_ms) of one row (variational/verifiers/apps_check.py judges it)."""
     t0 = time.perf_counter()
     try:
-        v = apps_check.judge(text, tests, timeout_s, memory_mb, max_processes, official_quirks)
+        v = apps_check.judge(
+            text,
+            tests,
+            timeout_s,
+            memory_mb,
+            max_processes,
+            official_quirks,
+            problem_timeout_s=problem_timeout_s,
+            comparison=comparison,
+        )
     except Exception as e:  # the sandbox itself failed (cannot start, bad harness reply): say so, go on
         log.warning("check_code: judging %r... failed: %s", (text or "")[-80:], e)
         v = apps_check.Verdict("error", False, apps_check.last_code_block(text, official_quirks))
@@ -137,6 +155,9 @@ def check_code(
     workers: int = 0,
     official_quirks: bool = False,
     max_processes: int = 64,
+    *,
+    problem_timeout_s: float | None = None,
+    comparison: str = "apps",
 ) -> pl.DataFrame:
     """df[text, tests] -> df + extracted (the program), correct, status, verifier, elapsed_ms.
 
@@ -145,13 +166,24 @@ def check_code(
     runtime_error / compile_error / no_code / sandbox_violation; gold_unparsable when a row has no usable
     tests (skipped, like a math row without gold); error when the sandbox failed. A crash, timeout or
     compile failure is wrong unless `official_quirks` (the official np.all verdict, method.md §9).
+    `problem_timeout_s` caps a problem's tests together (official: 11 s). `comparison="lcb"`: the
+    LiveCodeBench harness's rules (apps_check.lcb_*: its comparison, call rule and time budget).
     Rows run in parallel threads, each in its own sandbox (variational/verifiers/sandbox.py)."""
     require(df, ("text", "tests"), "check_code")
     rows = list(zip(df["text"].to_list(), df["tests"].to_list(), strict=True))
     n_threads = max(1, min(workers or cpu_count(), len(rows)))
 
     def one(row: tuple) -> tuple:
-        return check_code_row(row[0], row[1], timeout_s, memory_mb, official_quirks, max_processes)
+        return check_code_row(
+            row[0],
+            row[1],
+            timeout_s,
+            memory_mb,
+            official_quirks,
+            max_processes,
+            problem_timeout_s,
+            comparison,
+        )
 
     with ThreadPoolExecutor(n_threads) as ex:
         it = ex.map(one, rows)

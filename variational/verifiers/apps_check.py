@@ -25,6 +25,8 @@ official_quirks=True restores the verdict rule, the wrapping and the fence rule,
 paper's data. Not reproduced even then: the StringIO stdin, the 11 s cap per problem, `reliability_guard`.
 Problems that need a special judge (any valid output accepted; TACO marks 218 of its test split, SOURCES.md
 §6, and APPS train 2287 is one) are judged by exact comparison, as officially: correct programs can fail.
+`problem_timeout_s` caps all tests of a problem together (the official checker: 11 s), then wrong.
+`comparison="lcb"`: LiveCodeBench as SkyThought's harness judges it (method.md §10, section below).
 """
 
 from __future__ import annotations
@@ -218,6 +220,113 @@ def call_output_matches(value: Any, expected: Any) -> bool:
         return False
 
 
+# ================================================================ LiveCodeBench, as the harness judges it
+# SkyThought 0d190f1 skythought/evals/tasks/livecodebench (method.md §10), behaviour re-stated:
+# - the program: the last block of a fence whose language is letters only, with `</code>` / `<code>` removed;
+# - stdin tests: the whole printed output, stripped, equals the expected output stripped (one trailing "-"
+#   and what follows it dropped, as its test preparation does); no per-line or float tolerance;
+# - functional tests: the arguments parsed from the raw test text by its parser (key=value pairs, or one
+#   argument per line: quoted text, a JSON list, a number, else the text), the expected value JSON or text;
+#   the function is named by the word before the first `(` of the program and looked up in the module
+#   (no `class Solution` instance, no import prelude), and its return value must `==` the expected value;
+# - time: no per-test limit, (6 + 1) * n_tests + 5 s for the whole suite; the first failing test ends it.
+COMPARISONS = ("apps", "lcb")
+LCB_TEST_S, LCB_SUITE_EXTRA_S = 6.0, 5.0
+
+
+def lcb_budget_s(n_tests: int) -> float:
+    return (LCB_TEST_S + 1.0) * n_tests + LCB_SUITE_EXTRA_S
+
+
+def lcb_code(text: str | None) -> str | None:
+    blocks = _OFFICIAL_FENCE.findall(text or "")
+    if not blocks:
+        return None
+    return blocks[-1].split("</code>")[0].replace("```python", "").split("```")[0].replace("<code>", "")
+
+
+def lcb_function_name(code: str) -> str | None:
+    """The harness's guess at the function to call: the last word before the first `(`."""
+    words = code.split("(")[0].split()
+    return words[-1] if words else None
+
+
+def lcb_expected_stdout(expected: Any) -> str:
+    text = ("\n".join(map(str, expected)) if isinstance(expected, list) else str(expected or "")).strip()
+    if text.endswith("-"):
+        text = text[: text.rfind("-")].rstrip()
+    return text
+
+
+def _lcb_scalar(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def lcb_call_args(raw: str) -> list:
+    """A functional test's input text -> the argument list, by the harness's parser (raises ValueError
+    where it raises: then the harness fails the test whatever the program)."""
+    if "=" in raw:  # `a = 1, b = "x"`: every value cast to int, float, else text without quotes
+        parts = [part.strip() for part in raw.split(",")] if "," in raw else [raw]
+        args = []
+        for part in parts:
+            _, value = part.split("=")
+            value = value.strip()
+            cast = _lcb_scalar(value)
+            args.append(cast.strip('"') if isinstance(cast, str) else cast)
+        return args
+    args = []
+    for line in (line.strip() for line in raw.split("\n")):
+        if not line:
+            continue
+        if line.startswith('"') and line.endswith('"'):
+            args.append(line.strip('"'))
+        elif line.startswith("[") and line.endswith("]"):
+            args.append(json.loads(line))
+        else:
+            args.append(_lcb_scalar(line))
+    return args
+
+
+def lcb_expected_value(raw: str) -> Any:
+    text = str(raw).strip()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def lcb_tests(value: Any, code: str | None) -> Tests | Verdict | None:
+    """The `tests` cell judged the LiveCodeBench way. Functional tests need the raw test texts
+    (`raw_inputs` / `raw_outputs`, as variational/data/benchmarks.lcb_input_output stores them)."""
+    parsed = parse_tests(value)
+    if parsed is None or parsed.kind == "stdin":
+        return parsed
+    raw = json.loads(value) if isinstance(value, str) else value
+    if not isinstance(raw.get("raw_inputs"), list) or not isinstance(raw.get("raw_outputs"), list):
+        raise ValueError("functional tests without raw_inputs / raw_outputs: not a LiveCodeBench row")
+    if code is None:
+        return Verdict("no_code", False)
+    name = lcb_function_name(code)
+    if name is None or not name.isidentifier():
+        return Verdict("compile_error", False, code, f"the harness would call {name!r}: not a function name")
+    try:
+        inputs = [lcb_call_args(str(x)) for x in raw["raw_inputs"]]
+    except ValueError as e:
+        return Verdict("wrong", False, code, f"the harness's parser fails on a test input: {e}")
+    return Tests(inputs=inputs, outputs=[lcb_expected_value(x) for x in raw["raw_outputs"]], fn_name=name)
+
+
+def lcb_output_matches(kind: str, got: Any, expected: Any) -> bool:
+    if kind == "stdin":
+        return got.strip() == lcb_expected_stdout(expected)
+    return decode(got) == expected
+
+
 # ================================================================ one program
 @dataclass(frozen=True)
 class Verdict:
@@ -235,17 +344,30 @@ def judge(
     max_processes: int = 64,
     official_quirks: bool = False,
     mode: str | None = None,
+    *,
+    problem_timeout_s: float | None = None,
+    comparison: str = "apps",
 ) -> Verdict:
-    """One model output on its tests -> Verdict. `timeout_s` is per test (official: 4 s)."""
+    """One model output on its tests -> Verdict. `timeout_s` is per test (official: 4 s); `problem_timeout_s`
+    caps the tests' time together. `comparison`: "apps" (the official APPS checker) or "lcb" (the
+    LiveCodeBench harness: its code block, parser, comparison and time budget; quirks do not apply)."""
+    if comparison not in COMPARISONS:
+        raise ValueError(f"unknown comparison {comparison!r}; use one of {COMPARISONS}")
+    lcb = comparison == "lcb"
+    code = lcb_code(text) if lcb else last_code_block(text, official=official_quirks)
     try:
-        parsed = parse_tests(tests)
+        parsed = lcb_tests(tests, code) if lcb else parse_tests(tests)
     except ValueError as e:
         return Verdict("gold_unparsable", False, detail=str(e))
-    code = last_code_block(text, official=official_quirks)
+    if isinstance(parsed, Verdict):
+        return parsed
     if parsed is None:
         return Verdict("gold_unparsable", False, code, "no tests")
     if code is None:
         return Verdict("no_code", False)
+    if lcb:  # no per-test limit officially: one budget for the suite
+        official_quirks, timeout_s = False, lcb_budget_s(len(parsed.inputs))
+        problem_timeout_s = timeout_s
     spec = {
         "kind": parsed.kind,
         "code": code,
@@ -254,21 +376,44 @@ def judge(
         "timeout_s": timeout_s,
         "max_output_bytes": MAX_REPORTED_OUTPUT,
         "official_wrapping": official_quirks,
+        "lcb": lcb,
     }
     limits = sandbox.Limits(memory_mb=memory_mb, max_processes=max_processes)
+    rules = _Rules(
+        timeout_s, problem_timeout_s, official_quirks, lcb_output_matches if lcb else output_matches
+    )
     with sandbox.start_python(_HARNESS.read_text(), json.dumps(spec).encode(), limits, mode) as jail:
-        results, detail = _collect(jail, parsed, timeout_s, official_quirks)
+        results, detail = _collect(jail, parsed, rules)
         if results is None:
             return Verdict("error", False, code, f"sandbox failed: {jail.stderr()[-500:]}")
     return _verdict(results, len(parsed.inputs), official_quirks, code, detail)
 
 
-def _collect(jail: sandbox.Jail, tests: Tests, timeout_s: float, quirks: bool) -> tuple[list | None, str]:
+@dataclass(frozen=True)
+class _Rules:
+    timeout_s: float  # per test
+    problem_timeout_s: float | None  # all tests together (the harness's reported test times)
+    quirks: bool
+    matches: Any  # (kind, what the test printed or returned, expected) -> passed
+
+
+def output_matches(kind: str, got: Any, expected: Any) -> bool:
+    """The official APPS checker's comparison of one test's output."""
+    if kind == "stdin":
+        return stdin_output_matches(got, expected)
+    return call_output_matches(decode(got), expected)
+
+
+def _collect(jail: sandbox.Jail, tests: Tests, rules: _Rules) -> tuple[list | None, str]:
     """Read the harness's events, comparing each test's output as it arrives; stop at the first test that
-    decides the verdict. -> (per-test states, detail); None when the harness died without a word."""
+    decides the verdict, or when the tests' time together passes rules.problem_timeout_s (then "killed",
+    as the official checker kills the problem's process). -> (per-test states, detail); None when the
+    harness died without a word."""
     results: list[str] = []
-    detail, deadline = "", time.monotonic() + STARTUP_S + timeout_s
-    for line in jail.lines(deadline):
+    detail, deadline = "", time.monotonic() + STARTUP_S + rules.timeout_s
+    spent_s, cap = 0.0, rules.problem_timeout_s
+    # a fresh generator per line: each waits until the deadline of its own test
+    while (line := next(jail.lines(deadline), None)) is not None:
         event = json.loads(line)
         if event["event"] == "compile_error":
             return ["compile_error"], event.get("error", "")
@@ -276,21 +421,20 @@ def _collect(jail: sandbox.Jail, tests: Tests, timeout_s: float, quirks: bool) -
             return results, detail
         i, state = event["i"], event["status"]
         if state == "ran":
-            if tests.kind == "stdin":
-                passed = stdin_output_matches(event["stdout"], tests.outputs[i])
-            else:
-                passed = call_output_matches(decode(event["value"]), tests.outputs[i])
-            state = "ok" if passed else "wrong"
-        if event.get("killed"):
+            got = event["stdout"] if tests.kind == "stdin" else event["value"]
+            state = "ok" if rules.matches(tests.kind, got, tests.outputs[i]) else "wrong"
+        spent_s += min(max(float(event.get("ms", 0.0)) / 1e3, 0.0), rules.timeout_s + GRACE_S)
+        if event.get("killed") or (cap is not None and spent_s > cap):
             state = "killed"
         results.append(state)
         if state != "ok":
             said = event.get("error") or f"printed {event.get('stdout', event.get('value'))!r:.200}"
             detail = detail or f"test {i}: {state}: {said}"[:600]
             # officially a crash or a timeout does not end the run: under quirks only `wrong` decides
-            if not quirks or state in ("wrong", "killed"):
+            if not rules.quirks or state in ("wrong", "killed"):
                 return results, detail
-        deadline = time.monotonic() + timeout_s + GRACE_S
+        left = rules.timeout_s if cap is None else min(rules.timeout_s, max(cap - spent_s, 0.0))
+        deadline = time.monotonic() + left + GRACE_S
     if len(results) == len(tests.inputs):
         return results, detail
     if time.monotonic() >= deadline:  # the harness itself stopped answering: the jail's own deadline

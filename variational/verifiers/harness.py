@@ -2,7 +2,8 @@
 
 In (stdin, one JSON object): kind ("stdin" | "call"), code, fn_name, inputs (stdin: one text per test; call:
 one argument list per test), timeout_s (per test), max_output_bytes, official_wrapping (stdin programs run
-the way the official checker runs them: wrapped in `def code()`, in a module not named __main__).
+the way the official checker runs them: wrapped in `def code()`, in a module not named __main__), lcb (the
+LiveCodeBench harness's exec: no import prelude, and call tests look fn_name up in the module itself).
 Out (stdout, one JSON line per event): {"event": "compile_error", "error"}, then per test {"event": "test",
 "i", "status": ran | runtime_error | timeout | sandbox_violation, "stdout" (stdin) or "value" (call, the
 return value encoded by `encode`), "error", "ms"}, then {"event": "done"}.
@@ -286,7 +287,8 @@ def call_tests_child(code_obj, spec: dict, prelude: dict, results_fd: int) -> No
     module = fresh_module("solution", prelude)  # not __main__: a `__main__` block must not run
     try:
         exec(code_obj, module.__dict__)
-        holder = module.Solution() if "class Solution" in spec["code"] else module
+        lookup_solution = "class Solution" in spec["code"] and not spec.get("lcb")
+        holder = module.Solution() if lookup_solution else module
         method = getattr(holder, spec["fn_name"])
     except BaseException as e:  # the official -2: the module, the instance or the function fails
         results.write(json.dumps({"event": "compile_error", "error": f"{type(e).__name__}: {e}"}) + "\n")
@@ -389,10 +391,11 @@ def main() -> None:
     sys.stdin.close()
     os.chdir(os.environ.get("HOME") or ".")  # the jail's only writable folder (sandbox.py sets HOME)
     prelude: dict = {}
-    exec(PRELUDE, prelude)
+    if not spec.get("lcb"):  # the LiveCodeBench harness execs the program in an empty namespace
+        exec(PRELUDE, prelude)
     # numpy is part of the official prelude too, but importing it costs more than starting the jail
     # (measured 0.3-0.8 s): only a program that names it can tell, so only then is it imported
-    if re.search(r"\bnp\b|numpy", spec["code"]):
+    if not spec.get("lcb") and re.search(r"\bnp\b|numpy", spec["code"]):
         # not installed, or the memory limit is below its footprint: the program will say so itself
         with contextlib.suppress(ImportError, MemoryError):
             exec("import numpy as np", prelude)
