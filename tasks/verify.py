@@ -54,6 +54,8 @@ def verify(
     require(rollouts, ("prompt_idx", "text"), "verify: rollouts")
     require(problems, ("prompt_idx", "gold"), "verify: problems")
     keys = [k for k in KEYS if k in rollouts.columns]
+    if rules.gold_form == "solution":
+        problems = problems.with_columns(gold=official_golds(problems))
     probs = problems.select(
         "prompt_idx",
         pl.col("kind") if "kind" in problems.columns else pl.lit("math").alias("kind"),
@@ -70,7 +72,8 @@ def verify(
     parts = []
     if math_rows.height:
         golds = math_rows.select(_ROW, "text", "gold")
-        parts.append(check_answers(golds, cfg.timeout_s, cfg.workers, pool=pool, grader=rules.grader))
+        kw = {"pool": pool, "grader": rules.grader, "gold_form": rules.gold_form}
+        parts.append(check_answers(golds, cfg.timeout_s, cfg.workers, **kw))
     if code_rows.height:
         parts.append(
             check_code(
@@ -89,6 +92,20 @@ def verify(
         else pl.DataFrame(schema={_ROW: pl.UInt32, **VERDICT_SCHEMA})
     )
     return joined.select(_ROW, *keys).join(verdicts, on=_ROW, how="left").sort(_ROW).drop(_ROW)
+
+
+def official_golds(problems: pl.DataFrame) -> pl.Series:
+    """The golds of each problem as whole solutions (gold_form "solution"), as verify_parallel.py gives them
+    to the official grader: the source's ground-truth solution OR the reference solution. Ours keep the
+    ground truth's answer, extracted at ingest from its last \\boxed: re-boxed, it reads back the same; the
+    reference solution (solution_ref) goes in whole, so the official fallbacks ("the answer is", the last
+    number) apply to it."""
+    sols = problems["solution_ref"] if "solution_ref" in problems.columns else [None] * problems.height
+    golds = [
+        [f"\\boxed{{{g}}}" for g in (gold or []) if g] + ([sol] if sol else [])
+        for gold, sol in zip(problems["gold"].to_list(), sols, strict=True)
+    ]
+    return pl.Series("gold", golds, dtype=pl.List(pl.String))
 
 
 def verdict_summary(verdicts: pl.DataFrame) -> str:

@@ -82,12 +82,15 @@ class VerifyRules:
     code_timeout_s: float
     code_problem_timeout_s: float
     code_quirks: bool
+    # how the golds are given to the math grader: "answer" (problems.gold as they are) or "solution"
+    # (whole solutions, read as verify_parallel.py reads the ground truth and the reference solution)
+    gold_form: Literal["answer", "solution"] = "answer"
 
 
 def verify_rules(conf: Any) -> VerifyRules:
     """Reads parity and verify.{code_timeout_s, code_problem_timeout_s, code_official_quirks}."""
     if official(conf):
-        return VerifyRules("official", OFFICIAL_CODE_TEST_S, OFFICIAL_CODE_PROBLEM_S, True)
+        return VerifyRules("official", OFFICIAL_CODE_TEST_S, OFFICIAL_CODE_PROBLEM_S, True, "solution")
     v = conf.verify
     return VerifyRules("strict", v.code_timeout_s, v.code_problem_timeout_s, v.code_official_quirks)
 

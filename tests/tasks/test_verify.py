@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 from conftest import finished_stage
 
-from tasks.verify import PRIOR_VERDICTS, VERDICTS, verify
+from tasks.verify import PRIOR_VERDICTS, VERDICTS, official_golds, verify
 from variational import templates
 from variational.config import RunConfig, VerifyConfig
 from variational.pipeline.fingerprint import stage_fingerprint
@@ -152,3 +152,20 @@ def test_official_parity_judges_math_by_the_official_grader(tmp_path: Path) -> N
     texts = ["so \\boxed{0.5}", "so \\boxed{50}", "so \\boxed{7}"]
     assert _verdicts(tmp_path / "s", "strict", problems, texts)["correct"].to_list() == [False, True, False]
     assert _verdicts(tmp_path / "o", "official", problems, texts)["correct"].to_list() == [True, True, False]
+
+
+def test_official_golds_are_whole_solutions() -> None:
+    """verify_parallel.py reads the source's ground-truth solution and the reference solution with
+    extract_answer: our extracted answer is re-boxed (it reads back the same), the reference goes in whole
+    (its fallbacks then apply: a reference without \\boxed still gives its last number)."""
+    problems = pl.DataFrame(
+        {"gold": [["\\frac{1}{2}", "0.5"], []], "solution_ref": ["so \\boxed{0.5}", "hence the total is 12."]}
+    )
+    assert official_golds(problems).to_list() == [
+        ["\\boxed{\\frac{1}{2}}", "\\boxed{0.5}", "so \\boxed{0.5}"],
+        ["hence the total is 12."],
+    ]
+    assert official_golds(problems.drop("solution_ref")).to_list() == [
+        ["\\boxed{\\frac{1}{2}}", "\\boxed{0.5}"],
+        [],
+    ]

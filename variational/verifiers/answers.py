@@ -79,6 +79,7 @@ def check_answers(
     pool: MathPool | None = None,
     rules: MathRules = OURS,
     grader: str = "strict",
+    gold_form: str = "answer",
 ) -> pl.DataFrame:
     """df[text, gold (list of accepted answers, or one string)] -> df + extracted, correct, status,
     verifier, elapsed_ms. Every row returns within timeout_s + HARD_GRACE_S (+ a process kill).
