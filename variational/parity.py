@@ -60,7 +60,6 @@ from typing import Any, Literal
 
 from variational import registry
 
-Parity = Literal[registry.PARITY_MODES]
 # the official APPS/TACO checker: 4 s per test (testing util), the problem's process joined with timeout 10 + 1
 OFFICIAL_CODE_TEST_S, OFFICIAL_CODE_PROBLEM_S = 4.0, 11.0
 OFFICIAL_GPQA_SEED = 41  # skythought evaluate --seed default, set globally before the prompts are built
