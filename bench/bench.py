@@ -346,7 +346,9 @@ def bench_executor(quick: bool, device: str) -> list[Row]:
 def bench_verifier(quick: bool, device: str) -> list[Row]:
     import polars as pl
 
-    from tasks.verify import MathPool, check_answers, load_pairs
+    from tasks.verify import check_answers
+    from variational.verifiers.labelled import load_pairs
+    from variational.verifiers.math_rules import MathPool
 
     files = sorted(SHARED_DATA.glob("verify_pairs_*.jsonl"))
     if not files:

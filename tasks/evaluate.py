@@ -144,6 +144,7 @@ def _grade(rows: pl.DataFrame, cfg: VerifyConfig, grader: str, pool: MathPool | 
             workers=cfg.workers,
             problem_timeout_s=cfg.code_problem_timeout_s,
             comparison="lcb" if grader == "official" else "apps",
+            sandbox=cfg.sandbox,
         )
         parts.append(checked.select(verdict_cols))
     return pl.concat([p.cast({"extracted": pl.String}) for p in parts])
@@ -261,6 +262,7 @@ EVAL = Stage(
         "verify.code_timeout_s",
         "verify.code_problem_timeout_s",
         "verify.code_memory_mb",
+        "verify.code_sandboxed",
     ),
     uses=("verify",),
     code=(

@@ -3,8 +3,10 @@
 In:  rollouts (prompt_idx, sample_idx, rollout_idx, [round], text), problems (prompt_idx, kind, gold, tests).
 Out: table `verdicts`: the rollout keys plus extracted, correct, status, verifier, elapsed_ms (design.md).
 Math rows: our math-verify grader (variational/verifiers/math_rules.py), gold first; code rows: the last
-fenced ```python block on the APPS/TACO tests in the sandbox. `parity: official` judges with the official
-math grader and the official code time limits and verdict rule (variational/parity.py `verify_rules`).
+fenced ```python block on the APPS/TACO tests in the sandbox of `verify.sandbox` (where none can be set up,
+the stage stops; with `none` the rows' verifier is code_tests_unsandboxed and the summary says so).
+`parity: official` judges with the official math grader and the official code time limits and
+verdict rule (variational/parity.py `verify_rules`).
 `check_answers` and `check_code` (variational/verifiers/answers.py) are re-exported here: the public entry
 points of the verifier contract.
 """
@@ -26,6 +28,7 @@ from variational.verifiers.answers import (
     check_answers,
     check_code,
     require,
+    unsandboxed_warning,
 )
 from variational.verifiers.math_rules import MathPool
 
@@ -84,6 +87,7 @@ def verify(
                 official_quirks=rules.code_quirks,
                 max_processes=cfg.code_max_processes,
                 problem_timeout_s=rules.code_problem_timeout_s,
+                sandbox=cfg.sandbox,
             )
         )
     verdicts = (
@@ -109,12 +113,14 @@ def official_golds(problems: pl.DataFrame) -> pl.Series:
 
 
 def verdict_summary(verdicts: pl.DataFrame) -> str:
-    """Markdown: accuracy and rows per status (the artifact of the task)."""
+    """Markdown: accuracy and rows per status (the artifact of the task), and a warning first when code
+    rows were judged without a sandbox (verify.sandbox: none)."""
     n = verdicts.height
     scored = verdicts.filter(pl.col("status") != "gold_unparsable")
     acc = scored["correct"].mean() if scored.height else float("nan")
     counts = dict(verdicts.group_by("status").len().iter_rows())
-    lines = [
+    lines = [warning] if (warning := unsandboxed_warning(verdicts)) else []
+    lines += [
         f"accuracy **{acc:.3f}** over {scored.height} scored rows ({n} in all)\n",
         "| status | rows | share |",
         "|---|---|---|",
@@ -156,6 +162,7 @@ def _declare(name: str, items: str) -> Stage:
             "verify.code_memory_mb",
             "verify.code_max_processes",
             "verify.code_official_quirks",
+            "verify.code_sandboxed",  # none can change verdicts; root vs userns (verify.sandbox) do not
             "verify.shard_size",
         ),
         uses=("verify",),

@@ -1,4 +1,4 @@
-"""`variational` command line: run, serve, sql, runs, report, models prepare, verifier-report.
+"""`variational` command line: run, serve, sql, runs, report, models prepare, verifier-report, export.
 
 Examples:
     variational run tiny                          # configs/tiny.yaml, no Prefect server needed
@@ -8,6 +8,7 @@ Examples:
     variational sql tiny -f sql/accuracy_by_source.sql
     variational serve                             # serve variational/{tiny,subset-1k,full-17k,full-17k-official}
     variational plan full-17k --gpus 8            # work, GPU-hours and wall time before launching
+    variational export tiny --out out/tiny-train  # the train table as a Hub dataset folder (+ --push REPO_ID)
 """
 
 from __future__ import annotations
@@ -179,6 +180,62 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 1 if check.rejects.height else 0
 
 
+def _dag_steps(data_root: str, run: str) -> list | None:
+    """The flow's DAG for the run's recorded config, as the export's lineage reads it (only the CLI may
+    import flows); None, with a note, when it cannot be traced (a config of an older release, a moved file)."""
+    import json
+
+    from variational.analysis.export import Step
+    from variational.pipeline.store import run_json
+
+    path = run_json(data_root, run)
+    if not path.is_file():
+        return None  # the export names the missing run
+    try:
+        from flows.recipe import dag
+
+        calls = dag(json.loads(path.read_text())["config"])
+    # whatever the trace hit (an old config, a moved data file), the export goes on: the card then lists
+    # every stage the run recorded
+    except Exception as err:
+        reason = " ".join(str(err).split())[:200]
+        print(
+            f"note: the DAG of run {run!r} could not be traced ({type(err).__name__}: {reason})",
+            file=sys.stderr,
+        )
+        return None
+    return [
+        Step(c.stage.name, c.round, c.fingerprint, tuple(c.inputs.values()), c.stage.fields, c.stage.uses)
+        for c in calls
+    ]
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A finished stage -> a folder `datasets` / transformers load, with its card; optionally pushed."""
+    from variational.analysis.export import ExportError, Request, export, hub_token, push
+
+    if args.private and not args.push:
+        raise CliError("--private needs --push REPO_ID")
+    try:
+        if args.push:
+            hub_token(args.push)  # before the work: a push that cannot happen stops here
+        req = Request(Path(args.data_root), args.run, args.stage, args.round, args.format)
+        req.steps = _dag_steps(args.data_root, args.run)
+        done = export(req, Path(args.out), log=print)
+    except ExportError as err:
+        raise CliError(str(err)) from None
+    print(f"wrote {done.rows} rows to {done.path}: {', '.join(done.files)}")
+    if done.left_out:
+        print(f"{done.left_out} train row(s) left out: this format cannot carry them (README.md lists them)")
+    if args.push:
+        try:
+            url = push(done.path, args.push, done.repo_type, private=args.private)
+        except ExportError as err:
+            raise CliError(str(err)) from None
+        print(f"pushed to {url}")
+    return 0
+
+
 class IntermixedParser(argparse.ArgumentParser):
     """Options before, between or after positionals (`sql RUN --data-root D "query"`): argparse's default
     stops filling positionals at the first option and then calls the query an unrecognized argument.
@@ -306,6 +363,31 @@ def _add_data(sub: Any) -> None:
     dc.set_defaults(func=cmd_data_check)
 
 
+def _add_export(sub: Any) -> None:
+    from variational.analysis.formats import FORMATS
+    from variational.registry import STAGES
+
+    e = sub.add_parser("export", help="a finished stage -> a Hub-ready folder (Parquet or model + card)")
+    e.add_argument("run")
+    e.add_argument("--out", required=True, help="the folder to write (absent or empty)")
+    e.add_argument(
+        "--stage",
+        default="train",
+        choices=[s for s in STAGES if s != "base_model"],
+        help="train (default), another table (exported as stored), or pi_theta0 / q_phi / pi_theta (a model)",
+    )
+    e.add_argument(
+        "--format", choices=FORMATS, help="train only: messages (default), bespoke, prompt_completion"
+    )
+    e.add_argument("--round", type=int, help="the EM round (default: the stage's latest)")
+    e.add_argument(
+        "--push", metavar="REPO_ID", help="then upload the folder to this Hub repo (HF_TOKEN or login)"
+    )
+    e.add_argument("--private", action="store_true", help="create the Hub repo private")
+    e.add_argument("--data-root", default="data")
+    e.set_defaults(func=cmd_export)
+
+
 COMMANDS = (
     _add_run,
     _add_plan,
@@ -314,6 +396,7 @@ COMMANDS = (
     _add_models,
     _add_verifier_report,
     _add_data,
+    _add_export,
 )
 
 

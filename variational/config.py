@@ -106,7 +106,20 @@ class VerifyConfig(Strict):
         description="reproduce the official code verdicts: a crash, timeout or compile error passes "
         "(`parity: official` implies it)",
     )
+    sandbox: Literal[registry.CODE_SANDBOXES] = Field(
+        "auto",
+        description="isolation of candidate programs: auto = the strongest jail here (root, else userns), "
+        "and code verification stops where there is none; none = NO isolation (programs see this machine's "
+        "files and network), only when set explicitly",
+    )
     shard_size: int = Field(2048, ge=1)
+
+    @property
+    def code_sandboxed(self) -> bool:
+        """Whether programs run in a jail: in the fingerprint of the stages that judge code, because without
+        one a program can read this machine's files (the data root's expected outputs among them) and the
+        network, so its verdict can differ. Which jail (root or userns) is not: the same programs pass."""
+        return self.sandbox != "none"
 
 
 class WeightsConfig(Strict):

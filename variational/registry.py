@@ -47,5 +47,7 @@ SELECTION_MODES = ("17k-mix", "all-k")  # tasks/select.py SELECTORS
 QUESTION_WEIGHTINGS = ("none", "rft", "grpo", "mle")  # tasks/weights.py QUESTION_WEIGHTS
 POSTERIOR_TEMPLATES = ("PA", "PB")  # variational/templates.py
 POSTERIOR_OBJECTIVES = ("hinted_sft", "forward_kl")
+# verify.sandbox: auto = the strongest jail here, never none (variational/verifiers/sandbox.py resolve_mode)
+CODE_SANDBOXES = ("auto", "root", "userns", "none")
 GRADERS = ("strict", "official")  # variational/verifiers/answers.py check_answers(grader=...)
 PARITY_MODES = ("strict", "official")  # variational/parity.py: the config's one switch `parity`

@@ -238,6 +238,22 @@ def test_full_report(tmp_path: Path) -> None:
     assert "q_φ think length in tokens: median 25" in md
 
 
+def test_report_says_when_code_ran_without_a_sandbox(tmp_path: Path) -> None:
+    make_run(tmp_path)
+    assert "WITHOUT a sandbox" not in report.write_report(tmp_path, RUN).read_text()
+    unsandboxed = verdicts().with_columns(
+        verifier=pl.when(pl.col("prompt_idx") == 3)
+        .then(pl.lit("code_tests_unsandboxed"))
+        .otherwise("verifier")
+    )
+    store = StageStore(tmp_path, RUN, "verify", "fp-unsandboxed")
+    store.write_shard(0, unsandboxed)
+    record_stage(tmp_path, RUN, store.finish(round_=1), computed=True)
+    md = report.write_report(tmp_path, RUN).read_text()
+    section = md.split("## Answer-rollout accuracy by source")[1].split("## ")[0]
+    assert "**Warning: 2 code rows were judged WITHOUT a sandbox** (verify.sandbox: none)" in section
+
+
 def test_report_without_eval_and_weights_still_renders(tmp_path: Path) -> None:
     make_run(tmp_path, skip=("evaluate", "weights", "select"))
     md = report.write_report(tmp_path, RUN, out_dir=tmp_path / "elsewhere").read_text()

@@ -128,6 +128,50 @@ def test_tiny_end_to_end(run_a: Path) -> None:
     assert (run_a / "tiny" / "report" / "report.md").exists()
 
 
+def test_export_of_the_tiny_run_loads_back(run_a: Path, tmp_path: Path) -> None:
+    """`variational export` of the real run: the messages folder loads with `datasets` (offline, in a child
+    process) and each row, rendered with the trained model's chat template, is exactly the text pi_theta
+    trained on (its stage table); the bespoke folder passes `data check`; pi_theta is a transformers folder."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    def export(*args: str) -> None:
+        cmd = _cli(run_a, "export", "tiny", "--data-root", str(run_a), *args)
+        out = subprocess.run(cmd, cwd=REPO, env=_env(run_a), capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    export("--out", str(tmp_path / "messages"))
+    export("--out", str(tmp_path / "bespoke"), "--format", "bespoke")
+    export("--out", str(tmp_path / "model"), "--stage", "pi_theta")
+    load = (
+        "import datasets, json, sys; ds = datasets.load_dataset(sys.argv[1], split='train', cache_dir=sys.argv[2]);"
+        "print(json.dumps([row['messages'] for row in ds]))"
+    )
+    env = _env(run_a) | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    cmd = [sys.executable, "-c", load, str(tmp_path / "messages"), str(tmp_path / "cache")]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    trained = table(run_a, "pi_theta")  # the examples the final SFT trained on, in the train table's order
+    assert len(rows) == trained.height == table(run_a, "train").height
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    for messages, (prompt, response) in zip(
+        rows, trained.select("prompt", "response").iter_rows(), strict=True
+    ):
+        assert (
+            tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+            == prompt + response
+        )
+    check = subprocess.run(
+        _cli(run_a, "data", "check", str(tmp_path / "bespoke")),
+        cwd=REPO,
+        env=_env(run_a),
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stdout[-2000:]
+    assert AutoConfig.from_pretrained(tmp_path / "model").model_type == "llama"
+
+
 def test_deployment_run_through_a_prefect_server(run_a: Path) -> None:
     """`prefect server start` + `variational serve tiny` + `prefect deployment run variational/tiny`: the served
     flow run finishes and, pointed at run A's data root, reuses every stage (nothing recomputed)."""

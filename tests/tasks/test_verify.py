@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 from conftest import finished_stage
 
-from tasks.verify import PRIOR_VERDICTS, VERDICTS, official_golds, verify
+from tasks.verify import PRIOR_VERDICTS, VERDICTS, official_golds, verdict_summary, verify
 from variational import templates
 from variational.config import RunConfig, VerifyConfig
 from variational.pipeline.fingerprint import stage_fingerprint
@@ -84,6 +84,38 @@ def test_verify_task_writes_and_reuses(tmp_path: Path) -> None:
     assert run_stage(VERDICTS, cfg, upstream) == manifest
     cfg["verify"]["timeout_s"] = 2.0
     assert stage_fingerprint(VERDICTS, cfg, upstream) != manifest["fingerprint"]
+
+
+def test_no_sandbox_is_in_the_fingerprint_which_jail_is_not(tmp_path: Path) -> None:
+    # without isolation a program can read the data root (its expected outputs) and the network, so its
+    # verdict can differ: verdicts judged with verify.sandbox none are never reused as sandboxed ones
+    cfg = RunConfig(name="t", base_model="embedded:smollm2-135m", data_root=str(tmp_path)).model_dump()
+    refs = {"rollouts": {"fingerprint": "r"}, "problems": {"fingerprint": "p"}}
+    prints = {}
+    for setting in ("auto", "root", "userns", "none"):
+        cfg["verify"]["sandbox"] = setting
+        prints[setting] = stage_fingerprint(VERDICTS, cfg, refs)
+    assert prints["auto"] == prints["root"] == prints["userns"] != prints["none"]
+
+
+def test_unsandboxed_code_rows_are_marked_and_summarised(pool: MathPool) -> None:
+    problems = pl.DataFrame(
+        {
+            "prompt_idx": [0, 1],
+            "kind": ["math", "code"],
+            "gold": [["4"], []],
+            "tests": [None, '{"inputs": ["2\\n"], "outputs": ["4\\n"]}'],
+        }
+    )
+    rollouts = pl.DataFrame({"prompt_idx": [0, 1], "text": ["\\boxed{4}", fenced("print(int(input()) * 2)")]})
+    out = verify(rollouts, problems, VerifyConfig(sandbox="none"), pool=pool)
+    assert out["verifier"].to_list() == ["math_verify", "code_tests_unsandboxed"]
+    assert out["correct"].to_list() == [True, True]
+    summary = verdict_summary(out)
+    assert summary.startswith("**Warning: 1 code rows were judged WITHOUT a sandbox** (verify.sandbox: none)")
+    sandboxed = verify(rollouts, problems, VerifyConfig(), pool=pool)
+    assert sandboxed["verifier"].to_list() == ["math_verify", "code_tests"]
+    assert "WITHOUT" not in verdict_summary(sandboxed) and verdict_summary(sandboxed).startswith("accuracy")
 
 
 def test_verify_prior_task_reads_responses(tmp_path: Path) -> None:

@@ -86,12 +86,24 @@ def test_loss_falls_and_folder_loads(
     )
 
 
-def test_resume_after_crash_equals_uninterrupted(tiny_model_dir: Path, tmp_path: Path) -> None:
+# Resume vs uninterrupted: the same process, the same kernels, the same order of operations, so the runs
+# agree to float rounding in either precision; each test states its precision rather than leaving it to the
+# CPU (`auto` is bf16 on a CPU with native bf16, fp32 elsewhere).
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_resume_after_crash_equals_uninterrupted(
+    tiny_model_dir: Path, tmp_path: Path, precision: str
+) -> None:
     from safetensors.torch import load_file
 
     df = literal_rows(12)
     cfg = TrainConfig(
-        learning_rate=1e-3, epochs=2, batch_size=4, micro_batch_tokens=64, max_length=48, save_steps=2
+        learning_rate=1e-3,
+        epochs=2,
+        batch_size=4,
+        micro_batch_tokens=64,
+        max_length=48,
+        save_steps=2,
+        mixed_precision=precision,
     )
     full = sft.train(tiny_model_dir, df, cfg, tmp_path / "full", progress=False)
     crashed = sft.train(tiny_model_dir, df, cfg, tmp_path / "resumed", progress=False, stop_after=5)
@@ -168,8 +180,14 @@ def test_killed_and_stopped_runs_resume_to_the_same_weights(
 
     df = literal_rows(12)
     df.write_parquet(tmp_path / "train.parquet")
-    cfg = TrainConfig(
-        learning_rate=1e-3, epochs=2, batch_size=2, micro_batch_tokens=64, max_length=48, save_steps=1000
+    cfg = TrainConfig(  # fp32 stated: the comparison below is to float32 rounding
+        learning_rate=1e-3,
+        epochs=2,
+        batch_size=2,
+        micro_batch_tokens=64,
+        max_length=48,
+        save_steps=1000,
+        mixed_precision="no",
     )  # 12 steps; save_steps beyond them: checkpoints come from the clock or the stop only
     full = sft.train(tiny_model_dir, df, cfg, tmp_path / "full", progress=False)
     reference = load_file(tmp_path / "full" / "model.safetensors")

@@ -1,4 +1,5 @@
-"""variational/verifiers/sandbox.py: hostile programs are blocked or killed, and none of their processes survive.
+"""variational/verifiers/sandbox.py: hostile programs are blocked or killed, and none of their processes survive;
+isolation never degrades silently (no namespaces: verification stops; no isolation only when set).
 
 Each program runs through the real path (apps_check.judge -> sandbox -> harness), about 1 s each.
 The strongest checks need mode "root" (we are root here and in CI); others run in every namespace mode.
@@ -9,18 +10,24 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import polars as pl
 import pytest
 
+from variational.config import ConfigError, load_config
 from variational.verifiers import sandbox
+from variational.verifiers.answers import check_code
 from variational.verifiers.apps_check import judge
 
 ROOT_MODE = sandbox.probe("root") is None if os.geteuid() == 0 else False
 JAIL_MODES = [m for m in ("root", "userns") if (m != "root" or ROOT_MODE) and sandbox.probe(m) is None]
 needs_root = pytest.mark.skipif(not ROOT_MODE, reason="needs root with mount/PID/net namespaces")
-PROJECT_FILE = Path(__file__).resolve().parents[2] / "pyproject.toml"
+REPO = Path(__file__).resolve().parents[2]
+PROJECT_FILE = REPO / "pyproject.toml"
 
 
 def run(code: str, expected: str = "blocked", mode: str = "root", timeout_s: float = 3.0, **kw):
@@ -42,10 +49,10 @@ def jailed_pids() -> list[int]:
     return pids
 
 
-def test_modes_are_known() -> None:
-    assert sandbox.sandbox_mode() in sandbox.MODES
+def test_auto_is_the_strongest_jail() -> None:
+    assert sandbox.resolve_mode("auto") in ("root", "userns")  # never "none"
     if os.geteuid() == 0 and ROOT_MODE:
-        assert sandbox.sandbox_mode() == "root"
+        assert sandbox.resolve_mode("auto") == "root"
 
 
 @needs_root
@@ -155,7 +162,80 @@ def test_print_flood_is_cut(mode: str) -> None:
     assert v.status in {"sandbox_violation", "timeout"}, v.detail
 
 
-def test_plain_fallback_still_judges() -> None:
+# ---------------------------------------------------------------- never unsandboxed by accident
+CHECK = """
+import json, sys
+import polars as pl
+from variational.verifiers.answers import check_code
+df = pl.DataFrame({"text": ["```python\\nprint(3)\\n```"], "tests": [json.dumps({"inputs": ["1 2"], "outputs": ["3"]})]})
+try:
+    out = check_code(df, **json.loads(sys.argv[1]))
+except Exception as e:
+    print(f"{type(e).__name__}: {e}")
+    sys.exit(2)
+print(out["verifier"][0], out["status"][0])
+"""
+
+
+def check_with_path(path: Path, **kw) -> subprocess.CompletedProcess:
+    """check_code on one row in a fresh process whose PATH is only `path`."""
+    env = {**os.environ, "PATH": str(path), "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-c", CHECK, json.dumps(kw)]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def no_namespaces(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Path, str]:
+    """(a PATH, what the stop names): no `unshare` at all, or one the kernel refuses, as where user
+    namespaces are disabled (the message is util-linux's)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if request.param == "refused":
+        fake = bin_dir / "unshare"
+        fake.write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n")
+        fake.chmod(0o755)
+        return bin_dir, "unshare failed: Operation not permitted"
+    return bin_dir, "unshare (util-linux) is not on PATH"
+
+
+@pytest.mark.parametrize("no_namespaces", ["missing", "refused"], indirect=True)
+def test_without_namespaces_code_verification_stops(no_namespaces: tuple[Path, str]) -> None:
+    # the old sandbox fell back to no isolation with one warning line and judged the row anyway
+    path, why = no_namespaces
+    proc = check_with_path(path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = proc.stdout.splitlines()  # one line: what is missing and how to run without it
+    assert line.startswith("SandboxUnavailable: code sandbox unavailable (root: ")
+    assert why in line and "verify.sandbox: none" in line
+    for setting in ("root", "userns"):  # a jail asked for by name stops the same way
+        assert check_with_path(path, sandbox=setting).returncode == 2
+
+
+@pytest.mark.parametrize("no_namespaces", ["refused"], indirect=True)
+def test_no_isolation_runs_only_when_set_and_says_so(no_namespaces: tuple[Path, str]) -> None:
+    proc = check_with_path(no_namespaces[0], sandbox="none")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.split() == ["code_tests_unsandboxed", "ok"]
+    assert "candidate programs run WITHOUT isolation" in proc.stderr
+
+
+def test_unknown_settings_are_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="verify.sandbox: must be one of"):
+        load_config("tiny", ["verify.sandbox=chroot"])
+    rows = pl.DataFrame(
+        {"text": ["```python\nprint(3)\n```"], "tests": ['{"inputs": [""], "outputs": ["3"]}']}
+    )
+    with pytest.raises(ConfigError, match="verify.sandbox 'chroot' is unknown"):  # before any row runs
+        check_code(rows, sandbox="chroot")
+    with pytest.raises(ValueError, match="sandbox mode 'auto'"):  # a jail is a mode, never a setting
+        sandbox.Jail("print(1)", b"", sandbox.Limits(), "auto")
+    # the old override turned every verdict into `error` when unknown; it is refused now, whatever its value
+    monkeypatch.setenv("VARIATIONAL_SANDBOX", "none")
+    with pytest.raises(ConfigError, match="VARIATIONAL_SANDBOX is no longer read"):
+        check_code(rows)
+
+
+def test_explicit_none_still_judges() -> None:
     # mode "none" (no namespaces): only rlimits and the process group; benign programs are judged the same
     assert run("print(sum(map(int, '1 2'.split())))", expected="3", mode="none").status == "ok"
     assert run("while True:\n    pass", mode="none", timeout_s=1).status == "timeout"

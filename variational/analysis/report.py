@@ -26,12 +26,13 @@ from matplotlib.ticker import MaxNLocator
 from variational.analysis.metrics import MODELS, VERDICT_COLUMNS, summarize, summary_markdown
 from variational.analysis.sql import connect
 from variational.pipeline.orchestration import publish_markdown
+from variational.verifiers.answers import unsandboxed_warning
 
 # Columns each section needs; reading only these keeps logps / rollout texts out of memory.
 COLUMNS: dict[str, list[str]] = {
     "problems": ["prompt_idx", "source", "think_ref", "gold"],
     "posterior_samples": ["prompt_idx", "sample_idx", "think", "think_len", "format_ok"],
-    "verdicts": ["prompt_idx", "sample_idx", "rollout_idx", "correct", "status"],
+    "verdicts": ["prompt_idx", "sample_idx", "rollout_idx", "correct", "status", "verifier"],
     "weights": ["prompt_idx", "sample_idx", "estimator", "eligible", "rho_tilde", "selected"],
     "train": ["origin", "weight", "prompt_idx"],
     "eval": [
@@ -97,18 +98,14 @@ def _missing(table: str, why: str = "the stage did not run or is disabled") -> s
 # ---------------------------------------------------------------- sections
 
 
-def section_weights(t: dict[str, pl.DataFrame], out: Path) -> str:
-    if "weights" not in t:
-        return _missing("weights")
-    w = (
-        t["weights"]
-        .filter(pl.col("eligible") & pl.col("rho_tilde").is_not_null())
-        .cast({"rho_tilde": pl.Float64})
-    )
+def weight_stats(weights: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """(per estimator: questions, with_eligible, mean/median ESS, mean max ρ̃, selected; per question: ess,
+    max_rho, n; the eligible traces) of one round of `weights` (the report and the export cards show it)."""
+    w = weights.filter(pl.col("eligible") & pl.col("rho_tilde").is_not_null()).cast({"rho_tilde": pl.Float64})
     per_q = w.group_by("estimator", "prompt_idx").agg(
         ess=1.0 / (pl.col("rho_tilde") ** 2).sum(), max_rho=pl.col("rho_tilde").max(), n=pl.len()
     )
-    all_q = t["weights"].group_by("estimator").agg(questions=pl.col("prompt_idx").n_unique())
+    all_q = weights.group_by("estimator").agg(questions=pl.col("prompt_idx").n_unique())
     stats = (
         all_q.join(
             per_q.group_by("estimator").agg(
@@ -121,12 +118,19 @@ def section_weights(t: dict[str, pl.DataFrame], out: Path) -> str:
             how="left",
         )
         .join(
-            t["weights"].group_by("estimator").agg(selected=pl.col("selected").sum()),
+            weights.group_by("estimator").agg(selected=pl.col("selected").sum()),
             on="estimator",
             how="left",
         )
         .sort("estimator")
     )
+    return stats, per_q, w
+
+
+def section_weights(t: dict[str, pl.DataFrame], out: Path) -> str:
+    if "weights" not in t:
+        return _missing("weights")
+    stats, per_q, w = weight_stats(t["weights"])
     fig = Figure(figsize=(11, 4))
     ax1, ax2 = fig.subplots(1, 2)
     k_max = int(t["weights"]["sample_idx"].max() or 0) + 1
@@ -189,7 +193,9 @@ def section_accuracy(t: dict[str, pl.DataFrame], out: Path) -> str:
         ylabel="accuracy (%)",
     )
     ax.set_ylim(0, 105)
-    return f"{_save(fig, out / 'rollout_accuracy.png')}\n{md_table(stats)}"
+    return (
+        f"{unsandboxed_warning(t['verdicts'])}{_save(fig, out / 'rollout_accuracy.png')}\n{md_table(stats)}"
+    )
 
 
 def _think_chars(t: dict[str, pl.DataFrame]) -> pl.DataFrame:

@@ -16,8 +16,10 @@ import ast
 import functools
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import json
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -50,8 +52,14 @@ def _module_digest(source: str) -> str:
 
 
 def module_source(module: ModuleType | str) -> str:
-    mod = importlib.import_module(module) if isinstance(module, str) else module
-    return inspect.getsource(mod)
+    """A module's source, read from its file without importing it (tracing a DAG must not load torch for the
+    engines and trainers stages declare); a module object, or one without a file (`__main__`), by inspect."""
+    if isinstance(module, str):
+        spec = importlib.util.find_spec(module) if module != "__main__" else None
+        if spec is not None and spec.origin and spec.origin.endswith(".py"):
+            return Path(spec.origin).read_text(encoding="utf-8")
+        module = sys.modules.get(module) or importlib.import_module(module)
+    return inspect.getsource(module)
 
 
 def code_version(*modules: ModuleType | str) -> str:

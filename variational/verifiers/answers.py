@@ -20,9 +20,11 @@ from typing import Any
 import polars as pl
 from tqdm.auto import tqdm
 
+from variational.config import ConfigError
 from variational.verifiers import apps_check
 from variational.verifiers.math_rules import OURS, MathPool, MathRules
 from variational.verifiers.procpool import Outcome, cpu_count
+from variational.verifiers.sandbox import resolve_mode
 
 log = logging.getLogger("variational")
 # the modules whose code decides a verdict: in the fingerprint of every stage that grades
@@ -32,6 +34,7 @@ GRADING_CODE = (
     "variational.verifiers.math_rules",
     "variational.verifiers.apps_check",
     "variational.verifiers.harness",
+    "variational.verifiers.records",
     "variational.verifiers.sandbox",
 )
 
@@ -47,6 +50,21 @@ VERDICT_SCHEMA = {
     "elapsed_ms": pl.Float64,
 }
 MATH_VERIFIER, CODE_VERIFIER = "math_verify", "code_tests"
+# the verifier of code rows judged with verify.sandbox: none (no isolation): the rows say so themselves
+UNSANDBOXED_CODE_VERIFIER = "code_tests_unsandboxed"
+
+
+def unsandboxed_warning(verdicts: pl.DataFrame) -> str:
+    """One markdown line when some code rows of `verdicts` were judged without isolation, else ""."""
+    if "verifier" not in verdicts.columns:
+        return ""
+    n = verdicts.filter(pl.col("verifier") == UNSANDBOXED_CODE_VERIFIER).height
+    if not n:
+        return ""
+    return (
+        f"**Warning: {n} code rows were judged WITHOUT a sandbox** (verify.sandbox: none): their programs "
+        "could read this machine's files, the expected outputs among them, and reach the network.\n"
+    )
 
 
 def _as_list(g: Any) -> list[str]:
@@ -125,10 +143,12 @@ def check_code_row(
     memory_mb: int,
     official_quirks: bool = False,
     max_processes: int = 64,
+    mode: str | None = None,
     problem_timeout_s: float | None = None,
     comparison: str = "apps",
 ) -> tuple:
-    """(extracted code, correct, status, elapsed_ms) of one row (variational/verifiers/apps_check.py judges it)."""
+    """(extracted code, correct, status, elapsed_ms) of one row (variational/verifiers/apps_check.py judges
+    it). `mode`: a verify.sandbox setting (None: auto)."""
     t0 = time.perf_counter()
     try:
         v = apps_check.judge(
@@ -138,10 +158,13 @@ def check_code_row(
             memory_mb,
             max_processes,
             official_quirks,
+            mode,
             problem_timeout_s=problem_timeout_s,
             comparison=comparison,
         )
-    except Exception as e:  # the sandbox itself failed (cannot start, bad harness reply): say so, go on
+    except ConfigError:
+        raise  # SandboxUnavailable among them: without isolation verification stops, it never goes on
+    except Exception as e:  # the sandbox itself failed this once (cannot start, out of resources): go on
         log.warning("check_code: judging %r... failed: %s", (text or "")[-80:], e)
         v = apps_check.Verdict("error", False, apps_check.last_code_block(text, official_quirks))
     if v.status == "error":
@@ -156,6 +179,7 @@ def check_code(
     workers: int = 0,
     official_quirks: bool = False,
     max_processes: int = 64,
+    sandbox: str = "auto",
     *,
     problem_timeout_s: float | None = None,
     comparison: str = "apps",
@@ -165,12 +189,17 @@ def check_code(
     `tests`: the APPS/TACO `input_output` JSON string as stored (stdin form, or call form with fn_name), or
     the older list of {input, output}. `timeout_s` is per test. Status: ok / wrong / timeout /
     runtime_error / compile_error / no_code / sandbox_violation; gold_unparsable when a row has no usable
-    tests (skipped, like a math row without gold); error when the sandbox failed. A crash, timeout or
-    compile failure is wrong unless `official_quirks` (the official np.all verdict, method.md §9).
+    tests (skipped, like a math row without gold; decided from the tests alone, before anything runs);
+    error when the sandbox failed to start. A crash, timeout or compile failure is wrong unless
+    `official_quirks` (the official np.all verdict, method.md §9).
+    Rows run in parallel threads, each in its own sandbox (variational/verifiers/sandbox.py) of
+    `sandbox` (verify.sandbox), resolved first: where it cannot be set up this raises SandboxUnavailable
+    (variational/verifiers/sandbox.py) before any row runs. With "none" the rows' verifier is
+    code_tests_unsandboxed.
     `problem_timeout_s` caps a problem's tests together (official: 11 s). `comparison="lcb"`: the
-    LiveCodeBench harness's rules (apps_check.lcb_*: its comparison, call rule and time budget).
-    Rows run in parallel threads, each in its own sandbox (variational/verifiers/sandbox.py)."""
+    LiveCodeBench harness's rules (apps_check.lcb_*: its comparison, call rule and time budget)."""
     require(df, ("text", "tests"), "check_code")
+    mode = resolve_mode(sandbox)
     rows = list(zip(df["text"].to_list(), df["tests"].to_list(), strict=True))
     n_threads = max(1, min(workers or cpu_count(), len(rows)))
 
@@ -182,6 +211,7 @@ def check_code(
             memory_mb,
             official_quirks,
             max_processes,
+            mode,
             problem_timeout_s,
             comparison,
         )
@@ -189,4 +219,4 @@ def check_code(
     with ThreadPoolExecutor(n_threads) as ex:
         it = ex.map(one, rows)
         results = list(tqdm(it, total=len(rows), desc="verify code", unit="row", disable=len(rows) < 200))
-    return _with_verdicts(df, results, CODE_VERIFIER)
+    return _with_verdicts(df, results, CODE_VERIFIER if mode != "none" else UNSANDBOXED_CODE_VERIFIER)

@@ -5,10 +5,17 @@ In:  a model output (the program is its last fenced code block) and the tests: t
      the older in-repo list of {input, output}.
 Out: `Verdict(status, correct, code, detail)`; status is ok / wrong / timeout / runtime_error /
      compile_error / no_code / sandbox_violation, or gold_unparsable (no usable tests: the row is skipped
-     like a math row without gold) / error (the sandbox itself failed).
+     like a math row without gold) / error (the sandbox itself failed to start).
 
-The program runs in variational/verifiers/sandbox.py through the harness variational/verifiers/harness.py, which only
-runs it; the outputs are compared HERE, outside the sandbox, so a program never sees the expected outputs.
+The trusted side decides every verdict. The program runs in variational/verifiers/sandbox.py through the
+harness variational/verifiers/harness.py, which only runs it; the expected outputs never enter the jail.
+From the jail this module accepts only the records of variational/verifiers/records.py, each parsed
+strictly and in its turn: start, then per test index one output (stdin) or return value (call) or how the
+program failed, then done, then nothing. It compares each output HERE. Anything else (another event or
+status, a duplicate, skipped or out-of-range index, an extra line, a malformed or oversized record, a
+harness that stops after `start`) is the program's failure: status wrong, correct False in both modes,
+since only a program that interferes with its harness can cause it. gold_unparsable is decided here before
+anything runs, from the tests alone; `error` only when the jail fails before `start` (no candidate code ran).
 Official behaviour kept: the import prelude, stdin programs judged by the six comparison rules in turn,
 `class Solution` methods called on one instance, tuple -> list, `out == expected[0]`, floats compared exactly
 in call tests, SystemExit is a normal end. Deliberate differences (official_quirks=False, the default):
@@ -31,7 +38,9 @@ Problems that need a special judge (any valid output accepted; TACO marks 218 of
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import math
 import re
 import time
@@ -40,17 +49,23 @@ from pathlib import Path
 from typing import Any
 
 from variational.verifiers import sandbox
+from variational.verifiers.records import Opaque, ProtocolError, decode_value, parse_record
 
-_HARNESS = Path(__file__).with_name("harness.py")
+log = logging.getLogger("variational")
 # a fence line: ``` + language + anything up to the end of the line; the body runs to the next ```
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _OFFICIAL_FENCE = re.compile(r"```[A-Za-z]*\n(.*?)```", re.DOTALL)
 PY_LANGS = {"python", "python3", "py", ""}
 STATUSES = ("ok", "wrong", "timeout", "runtime_error", "compile_error", "no_code", "sandbox_violation")
 STARTUP_S = 30.0  # namespaces + interpreter + numpy on a loaded 2-core machine (measured ~0.3-1 s idle)
-GRACE_S = 2.0
-# stdout read back per test: more than any APPS/TACO answer, little enough for the harness to hold in JSON
-MAX_REPORTED_OUTPUT = 16 * 2**20
+GRACE_S = 5.0  # past the harness's own per-test deadline (timeout_s + 2 s): the harness itself is stuck
+
+
+@functools.cache
+def jail_program() -> str:
+    """The source run inside the jail: records.py (the format the harness writes), then the harness."""
+    here = Path(__file__).parent
+    return (here / "records.py").read_text() + "\n\n" + (here / "harness.py").read_text()
 
 
 def last_code_block(text: str | None, official: bool = False) -> str | None:
@@ -160,36 +175,8 @@ def stdin_output_matches(printed: str, expected: Any) -> bool:
         return False
 
 
-def decode(value: Any) -> Any:
-    """A return value as the harness encoded it (harness.encode) -> the Python value."""
-    if isinstance(value, list):
-        return [decode(v) for v in value]
-    if isinstance(value, dict):
-        if "__tuple__" in value:
-            return tuple(decode(v) for v in value["__tuple__"])
-        if "__set__" in value:
-            return {decode(v) for v in value["__set__"]}
-        if "__frozenset__" in value:
-            return frozenset(decode(v) for v in value["__frozenset__"])
-        if "__dict__" in value:
-            return {decode(k): decode(v) for k, v in value["__dict__"]}
-        return _Opaque(value.get("__opaque__", "?"))
-    return value
-
-
-class _Opaque:
-    """A return value that was not plain data: equal to nothing."""
-
-    def __init__(self, type_name: str) -> None:
-        self.type_name = type_name
-
-    def __eq__(self, other: object) -> bool:
-        return False
-
-    __hash__ = object.__hash__
-
-    def __repr__(self) -> str:
-        return f"<{self.type_name}>"
+decode = decode_value  # a return value as the harness encoded it (records.encode_value) -> the Python value
+_Opaque = Opaque
 
 
 def _int_keys(expected: Any) -> Any:
@@ -324,7 +311,7 @@ def lcb_tests(value: Any, code: str | None) -> Tests | Verdict | None:
 def lcb_output_matches(kind: str, got: Any, expected: Any) -> bool:
     if kind == "stdin":
         return got.strip() == lcb_expected_stdout(expected)
-    return decode(got) == expected
+    return got == expected
 
 
 # ================================================================ one program
@@ -349,8 +336,9 @@ def judge(
     comparison: str = "apps",
 ) -> Verdict:
     """One model output on its tests -> Verdict. `timeout_s` is per test (official: 4 s); `problem_timeout_s`
-    caps the tests' time together. `comparison`: "apps" (the official APPS checker) or "lcb" (the
-    LiveCodeBench harness: its code block, parser, comparison and time budget; quirks do not apply)."""
+    caps the tests' time together. `mode`: a verify.sandbox setting (None: auto); raises
+    sandbox.SandboxUnavailable when it cannot be set up. `comparison`: "apps" (the official APPS checker) or
+    "lcb" (the LiveCodeBench harness: its code block, parser, comparison and time budget; no quirks)."""
     if comparison not in COMPARISONS:
         raise ValueError(f"unknown comparison {comparison!r}; use one of {COMPARISONS}")
     lcb = comparison == "lcb"
@@ -374,72 +362,132 @@ def judge(
         "fn_name": parsed.fn_name,
         "inputs": parsed.inputs,
         "timeout_s": timeout_s,
-        "max_output_bytes": MAX_REPORTED_OUTPUT,
         "official_wrapping": official_quirks,
         "lcb": lcb,
     }
     limits = sandbox.Limits(memory_mb=memory_mb, max_processes=max_processes)
-    rules = _Rules(
+    rules = Rules(
         timeout_s, problem_timeout_s, official_quirks, lcb_output_matches if lcb else output_matches
     )
-    with sandbox.start_python(_HARNESS.read_text(), json.dumps(spec).encode(), limits, mode) as jail:
-        results, detail = _collect(jail, parsed, rules)
-        if results is None:
-            return Verdict("error", False, code, f"sandbox failed: {jail.stderr()[-500:]}")
-    return _verdict(results, len(parsed.inputs), official_quirks, code, detail)
+    with sandbox.start_python(jail_program(), json.dumps(spec).encode(), limits, mode) as jail:
+        return read_verdict(jail, parsed, timeout_s, official_quirks, code, rules=rules)
 
 
 @dataclass(frozen=True)
-class _Rules:
+class Rules:
+    """How a program's records are judged: time per test and per problem, the quirks, the comparison."""
+
     timeout_s: float  # per test
-    problem_timeout_s: float | None  # all tests together (the harness's reported test times)
-    quirks: bool
-    matches: Any  # (kind, what the test printed or returned, expected) -> passed
+    problem_timeout_s: float | None = None  # all tests together (the test times the harness reports)
+    quirks: bool = False
+    matches: Any = None  # (kind, what a test printed or returned, expected) -> passed; None: APPS rules
 
 
 def output_matches(kind: str, got: Any, expected: Any) -> bool:
     """The official APPS checker's comparison of one test's output."""
     if kind == "stdin":
         return stdin_output_matches(got, expected)
-    return call_output_matches(decode(got), expected)
+    return call_output_matches(got, expected)
 
 
-def _collect(jail: sandbox.Jail, tests: Tests, rules: _Rules) -> tuple[list | None, str]:
-    """Read the harness's events, comparing each test's output as it arrives; stop at the first test that
-    decides the verdict, or when the tests' time together passes rules.problem_timeout_s (then "killed",
-    as the official checker kills the problem's process). -> (per-test states, detail); None when the
-    harness died without a word."""
+def read_verdict(
+    jail: sandbox.Jail, tests: Tests, timeout_s: float, quirks: bool, code: str, *, rules: Rules | None = None
+) -> Verdict:
+    """The verdict from a started jail's records (the harness's, or whatever else runs there): `error`
+    when its first record is not `start`; wrong when a later one breaks the format or its turn. `rules`
+    (judge's): the problem's time cap and the comparison too; default the APPS rules, no cap."""
+    rules = rules or Rules(timeout_s, None, quirks)
+    if not _started(jail, tests.kind):
+        return Verdict("error", False, code, f"sandbox failed: {jail.stderr()[-500:]}")
+    try:
+        results, detail = _collect(jail, tests, rules)
+    except ProtocolError as e:
+        return Verdict("wrong", False, code, f"protocol violation: {e}"[:600])
+    except _HarnessStopped as e:
+        log.warning("check_code: the harness stopped early (%s); stderr: %s", e, jail.stderr()[-300:])
+        return Verdict("wrong", False, code, f"the harness stopped early: {e}")
+    return _verdict(results, len(tests.inputs), rules.quirks, code, detail)
+
+
+class _HarnessStopped(Exception):
+    """The harness ended (or was stopped) after `start` without its last record: the program's doing."""
+
+
+def _started(jail: sandbox.Jail, kind: str) -> bool:
+    """Whether the harness's first record is `start` (no candidate code runs before it)."""
+    line = jail.read_line(time.monotonic() + STARTUP_S)
+    try:
+        return line is not None and parse_record(line, kind)["event"] == "start"
+    except ProtocolError:
+        return False
+
+
+def _collect(jail: sandbox.Jail, tests: Tests, rules: Rules) -> tuple[list[str], str]:
+    """Read the harness's records after `start`, each in its turn, comparing each test's output as it
+    arrives; stop at the first test that decides the verdict, or when the tests' time together passes
+    rules.problem_timeout_s (then "killed", as the official checker kills the problem's process).
+    -> (per-test states, detail). Raises ProtocolError / _HarnessStopped: the program's failure."""
     results: list[str] = []
-    detail, deadline = "", time.monotonic() + STARTUP_S + rules.timeout_s
-    spent_s, cap = 0.0, rules.problem_timeout_s
-    # a fresh generator per line: each waits until the deadline of its own test
-    while (line := next(jail.lines(deadline), None)) is not None:
-        event = json.loads(line)
-        if event["event"] == "compile_error":
-            return ["compile_error"], event.get("error", "")
-        if event["event"] == "done":
+    detail, n = "", len(tests.inputs)
+    spent_s, cap, timeout_s = 0.0, rules.problem_timeout_s, rules.timeout_s
+    while True:
+        wait = timeout_s if cap is None else min(timeout_s, max(cap - spent_s, 0.0))
+        record = _next_record(jail, tests.kind, wait)
+        if record is None:  # the harness stopped answering: the whole run's deadline
+            return [*results, "killed"], detail or "the sandbox deadline passed"
+        event = record["event"]
+        if event == "invalid":
+            raise ProtocolError(record["error"])
+        if event == "compile_error" and not results:
+            _expect_done(jail, tests.kind, rules.timeout_s)
+            return ["compile_error"], record["error"]
+        if event == "done" and len(results) == n:
+            _expect_end(jail)
             return results, detail
-        i, state = event["i"], event["status"]
-        if state == "ran":
-            got = event["stdout"] if tests.kind == "stdin" else event["value"]
-            state = "ok" if rules.matches(tests.kind, got, tests.outputs[i]) else "wrong"
-        spent_s += min(max(float(event.get("ms", 0.0)) / 1e3, 0.0), rules.timeout_s + GRACE_S)
-        if event.get("killed") or (cap is not None and spent_s > cap):
+        if event != "test" or record["i"] != len(results) or len(results) >= n:
+            where = f"test {len(results)}" if len(results) < n else "done"
+            raise ProtocolError(f"a {event} record (index {record.get('i')}) where {where} was due")
+        state = _judged(record, tests, rules.matches or output_matches)
+        spent_s += min(max(float(record.get("ms") or 0.0) / 1e3, 0.0), timeout_s + GRACE_S)
+        if cap is not None and spent_s > cap:
             state = "killed"
         results.append(state)
         if state != "ok":
-            said = event.get("error") or f"printed {event.get('stdout', event.get('value'))!r:.200}"
-            detail = detail or f"test {i}: {state}: {said}"[:600]
+            said = record.get("error") or f"printed {record.get('stdout', record.get('value'))!r:.200}"
+            detail = detail or f"test {record['i']}: {state}: {said}"[:600]
             # officially a crash or a timeout does not end the run: under quirks only `wrong` decides
             if not rules.quirks or state in ("wrong", "killed"):
                 return results, detail
-        left = rules.timeout_s if cap is None else min(rules.timeout_s, max(cap - spent_s, 0.0))
-        deadline = time.monotonic() + left + GRACE_S
-    if len(results) == len(tests.inputs):
-        return results, detail
-    if time.monotonic() >= deadline:  # the harness itself stopped answering: the jail's own deadline
-        return [*results, "killed"], detail or "the sandbox deadline passed"
-    return (results or None), detail or "the harness ended early"
+
+
+def _judged(record: dict, tests: Tests, matches: Any) -> str:
+    state = record["status"]
+    if state != "ran":
+        return state
+    got = record["stdout"] if tests.kind == "stdin" else record["value"]
+    return "ok" if matches(tests.kind, got, tests.outputs[record["i"]]) else "wrong"
+
+
+def _next_record(jail: sandbox.Jail, kind: str, timeout_s: float) -> dict | None:
+    line = jail.read_line(time.monotonic() + timeout_s + GRACE_S)
+    if line is None:
+        if jail.timed_out:
+            return None
+        raise _HarnessStopped("no record after the last one it sent")
+    return parse_record(line, kind)
+
+
+def _expect_done(jail: sandbox.Jail, kind: str, timeout_s: float) -> None:
+    record = _next_record(jail, kind, timeout_s)
+    if record is None or record["event"] != "done":
+        raise ProtocolError("a compile_error record followed by more than done")
+    _expect_end(jail)
+
+
+def _expect_end(jail: sandbox.Jail) -> None:
+    """After done the harness exits: one more line (not an end of output or a stuck jail) is a violation."""
+    if jail.read_line(time.monotonic() + GRACE_S) is not None:
+        raise ProtocolError("a line after done")
 
 
 def _verdict(results: list[str], n_tests: int, quirks: bool, code: str, detail: str) -> Verdict:

@@ -1,19 +1,28 @@
 """The program that runs INSIDE the sandbox: executes one APPS/TACO candidate on every test input.
 
 In (stdin, one JSON object): kind ("stdin" | "call"), code, fn_name, inputs (stdin: one text per test; call:
-one argument list per test), timeout_s (per test), max_output_bytes, official_wrapping (stdin programs run
-the way the official checker runs them: wrapped in `def code()`, in a module not named __main__), lcb (the
+one argument list per test), timeout_s (per test), official_wrapping (stdin programs run the way the
+official checker runs them: wrapped in `def code()`, in a module not named __main__), lcb (the
 LiveCodeBench harness's exec: no import prelude, and call tests look fn_name up in the module itself).
-Out (stdout, one JSON line per event): {"event": "compile_error", "error"}, then per test {"event": "test",
-"i", "status": ran | runtime_error | timeout | sandbox_violation, "stdout" (stdin) or "value" (call, the
-return value encoded by `encode`), "error", "ms"}, then {"event": "done"}.
+Out (stdout): the records of variational/verifiers/records.py, one JSON line each: start, then
+compile_error or one test record per test in turn (what it printed or returned, or how it failed), or
+invalid, then done. Nothing here judges: the expected outputs never enter the sandbox, and the trusted side
+(apps_check.py) checks every record and compares the outputs itself.
 
-This process never runs candidate code itself: every test runs in a forked child, so a program cannot
-tamper with the harness, and the expected outputs never enter the sandbox (the trusted side compares).
-When the harness is PID 1 of its own PID namespace (variational/verifiers/sandbox.py) it kills every other process
-in the namespace after each test (`kill(-1)` spares only PID 1), so nothing a test started outlives it.
-Standard library only (numpy for the official import prelude when installed and named by the program): it is passed to `python -c`
-because the project tree is not visible inside the sandbox.
+This process never runs candidate code: every test runs in a forked child, which is handed its stdin,
+stdout and stderr as anonymous memory files (memfd), so no name in /sandbox the program could replace (a
+FIFO, a symlink) or lock away (chmod) is ever read by the harness; stdout is read back bounded. The
+call-form child runs the program's module and all its calls (one Solution() instance, as officially) and
+writes one record per test on a pipe: the program shares that process, so the harness checks each line
+(`parse_record`, index in turn, nothing after the last) before passing it on, and a line out of shape ends
+the run as `invalid`. What a well-formed forged line can claim, the program could have returned itself.
+When the harness is PID 1 of its own PID namespace (variational/verifiers/sandbox.py) the kernel delivers
+it only signals it handles, and it handles none (SIGINT is reset from Python's KeyboardInterrupt), so the
+program cannot signal it; it kills every other process of the namespace after each test (`kill(-1)` spares
+only PID 1), so nothing a test started outlives it; it is not dumpable, so it cannot be ptraced and its
+/proc/1/fd cannot be opened.
+Standard library only (numpy for the official import prelude when installed and named by the program): it
+is passed to `python -c`, after records.py's code, because the project tree is not visible inside the jail.
 """
 
 import contextlib
@@ -31,6 +40,18 @@ import sys
 import time
 import traceback
 import types
+
+if "parse_record" not in globals():  # imported (tests); in the jail records.py's code runs ahead of ours
+    from variational.verifiers.records import (
+        MAX_ERROR_CHARS,
+        MAX_OUTPUT_BYTES,
+        MAX_RECORD_BYTES,
+        LineReader,
+        ProtocolError,
+        encode_value,
+        parse_record,
+        result_record,
+    )
 
 # The official checker's import prelude (method.md §9), made available to every program.
 PRELUDE = """\
@@ -81,32 +102,8 @@ def official_wrap(code: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def encode(value, depth: int = 0):
-    """A return value as JSON that keeps what the official `==` sees: tuples, sets and non-string dict
-    keys are tagged; numpy scalars become Python numbers; anything else is opaque (never equal)."""
-    if depth > 200:
-        raise RecursionError("return value nested too deeply")
-    if value is None or isinstance(value, bool):
-        return value
-    for plain in (str, int, float):  # subclasses (IntEnum, numpy.float64) compare as their base type
-        if isinstance(value, plain):
-            return plain(value)
-    if isinstance(value, list):
-        return [encode(v, depth + 1) for v in value]
-    if isinstance(value, tuple):
-        return {"__tuple__": [encode(v, depth + 1) for v in value]}
-    if isinstance(value, (set, frozenset)):
-        tag = "__frozenset__" if isinstance(value, frozenset) else "__set__"
-        return {tag: [encode(v, depth + 1) for v in value]}
-    if isinstance(value, dict):
-        return {"__dict__": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in value.items()]}
-    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        return encode(value.item(), depth + 1)
-    return {"__opaque__": type(value).__name__}
-
-
-def emit(event: dict) -> None:
-    sys.stdout.write(json.dumps(event) + "\n")
+def emit(record: dict) -> None:
+    sys.stdout.write(json.dumps(record, separators=(",", ":")) + "\n")
     sys.stdout.flush()
 
 
@@ -123,15 +120,36 @@ def fresh_module(name: str, prelude: dict) -> types.ModuleType:
     return module
 
 
-def child_setup(cpu_s: int, stdin_path: str, stdout_path: str, keep_fd: int = 2) -> None:
-    """In the forked child, before candidate code: its own stdio, a CPU limit, nothing else open but
-    `keep_fd` (the call child's result pipe)."""
+def memory_file(name: str, data: bytes = b"") -> int:
+    """An anonymous file (no name anywhere a program can reach); RLIMIT_FSIZE caps what it may hold."""
+    fd = os.memfd_create(name)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def read_head(fd: int, limit: int) -> bytes:
+    """The first `limit` bytes of a file, from offset 0 whatever the child did with the shared offset."""
+    parts, offset = [], 0
+    while offset < limit and (part := os.pread(fd, min(limit - offset, 1 << 22), offset)):
+        parts.append(part)
+        offset += len(part)
+    return b"".join(parts)
+
+
+def stderr_tail(fd: int) -> str:
+    size = os.fstat(fd).st_size
+    return os.pread(fd, 1 << 16, max(0, size - (1 << 16))).decode("utf-8", errors="replace")[-800:]
+
+
+def child_setup(cpu_s: int, stdio: tuple[int, int, int], keep_fd: int = 2) -> None:
+    """In the forked child, before candidate code: its own stdio (memory files), a CPU limit, nothing
+    else open but `keep_fd` (the call child's result pipe)."""
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
-    for fd, path, flags in ((0, stdin_path, os.O_RDONLY), (1, stdout_path, os.O_WRONLY | os.O_APPEND)):
-        opened = os.open(path, flags)
-        os.dup2(opened, fd)
-        os.close(opened)
-    os.dup2(os.open("stderr.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 2)
+    for target, fd in enumerate(stdio):
+        os.dup2(fd, target)
     os.closerange(3, keep_fd)
     os.closerange(max(3, keep_fd + 1), 1 << 16)
     sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
@@ -218,27 +236,6 @@ def child_status(status: int | None) -> str:
     )
 
 
-def read_capped(path: str, limit: int) -> str:
-    with open(path, "rb") as f:
-        return f.read(limit).decode("utf-8", errors="replace")
-
-
-def stderr_tail() -> str:
-    try:
-        return read_capped("stderr.txt", 1 << 16)[-800:]
-    except OSError:
-        return ""
-
-
-def fresh_file(path: str, content: str = "") -> None:
-    """A new regular file (a program may have left a symlink or a FIFO under that name)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with open(fd, "w", encoding="utf-8") as f:
-        f.write(content)
-
-
 def compile_stdin(code: str, official: bool):
     """(code object, wrapped). Officially every stdin program is wrapped in `def code()`; we run it as a
     script, and wrap only a program that compiles solely as a function body (a top-level `return`, which
@@ -258,32 +255,41 @@ def run_stdin_tests(spec: dict, prelude: dict) -> None:
     try:
         code_obj, wrapped = compile_stdin(spec["code"], official)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
-        emit({"event": "compile_error", "error": f"{type(e).__name__}: {e}"})
+        emit({"event": "compile_error", "error": f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS]})
         return
     module_name = "solution" if official else "__main__"  # officially the module is `tmp_sol`
     timeout_s = float(spec["timeout_s"])
     for i, text in enumerate(spec["inputs"]):
-        fresh_file("stdin.txt", text)
-        fresh_file("stdout.txt")
+        stdio = (
+            memory_file("stdin", text.encode("utf-8", errors="replace")),
+            memory_file("stdout"),
+            memory_file("stderr"),
+        )
         pid = os.fork()
         if pid == 0:
             os.setpgid(0, 0)  # its own group, for the kill outside a PID namespace
-            child_setup(math.ceil(timeout_s) + 1, "stdin.txt", "stdout.txt")
+            child_setup(math.ceil(timeout_s) + 1, stdio)
             run_stdin_child(code_obj, prelude, module_name, wrapped)
         status, ms = wait_child(pid, timeout_s)
         kill_others()  # daemons and forked children die with the test, whatever its verdict
         state = child_status(status)
-        event = {"event": "test", "i": i, "status": state, "ms": round(ms, 1)}
         if state == "ran":
-            event["stdout"] = read_capped("stdout.txt", int(spec["max_output_bytes"]))
+            emit(result_record(i, state, ms, stdout=read_head(stdio[1], MAX_OUTPUT_BYTES)))
         else:
-            event["error"] = stderr_tail()
-        emit(event)
+            emit(result_record(i, state, ms, error=stderr_tail(stdio[2])))
+        for fd in stdio:
+            os.close(fd)
 
 
-def call_tests_child(code_obj, spec: dict, prelude: dict, results_fd: int) -> None:
-    """One child for all call tests, as the official checker does (one Solution() instance for all)."""
-    results = os.fdopen(results_fd, "w", encoding="utf-8")
+def call_tests_child(code_obj, spec: dict, prelude: dict, results_fd: int, token: bytes) -> None:
+    """One child for all call tests, as the official checker does (one Solution() instance for all).
+    Each line it sends starts with `token`, so a line the program writes blindly is refused."""
+    results = os.fdopen(results_fd, "wb")
+
+    def send(record: dict) -> None:
+        results.write(token + b" " + json.dumps(record).encode() + b"\n")
+        results.flush()
+
     module = fresh_module("solution", prelude)  # not __main__: a `__main__` block must not run
     try:
         exec(code_obj, module.__dict__)
@@ -291,8 +297,7 @@ def call_tests_child(code_obj, spec: dict, prelude: dict, results_fd: int) -> No
         holder = module.Solution() if lookup_solution else module
         method = getattr(holder, spec["fn_name"])
     except BaseException as e:  # the official -2: the module, the instance or the function fails
-        results.write(json.dumps({"event": "compile_error", "error": f"{type(e).__name__}: {e}"}) + "\n")
-        results.flush()
+        send({"event": "compile_error", "error": f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS]})
         os._exit(0)
 
     def alarm(signum, frame):
@@ -300,90 +305,111 @@ def call_tests_child(code_obj, spec: dict, prelude: dict, results_fd: int) -> No
 
     signal.signal(signal.SIGALRM, alarm)
     for i, args in enumerate(spec["inputs"]):
-        event = {"event": "test", "i": i}
-        t0 = time.monotonic()
-        try:
-            if isinstance(args, list) and args and isinstance(args[0], dict):
-                # the official checker turns JSON's string keys back into ints (and keeps one argument)
-                with contextlib.suppress(ValueError):
-                    args = [{int(k): v for k, v in args[0].items()}]
-            signal.setitimer(signal.ITIMER_REAL, float(spec["timeout_s"]))
-            value = method(*args)
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            event.update(status="ran", value=encode(value))
-        except PerTestTimeout:
-            event.update(status="timeout")
-        except BaseException as e:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            state = "sandbox_violation" if classify(e) == EXIT_VIOLATION else "runtime_error"
-            event.update(status=state, error=f"{type(e).__name__}: {e}"[-800:])
-        event["ms"] = round((time.monotonic() - t0) * 1e3, 1)
-        results.write(json.dumps(event) + "\n")
-        results.flush()
+        send(call_test(method, args, i, float(spec["timeout_s"])))
     os._exit(0)
+
+
+def call_test(method, args, i: int, timeout_s: float) -> dict:
+    """Test i of the call form -> its record: the return value (plain data; a value too large or too deep
+    to carry is opaque, so it equals nothing, as it would equal no expected output), or how it failed."""
+    t0 = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        returned = call(method, args)
+        ms = (time.monotonic() - t0) * 1e3
+        try:  # the program's code may run here too (a str subclass's __str__)
+            value = encode_value(returned)
+            carried = len(json.dumps(value)) < MAX_RECORD_BYTES - 1000
+        except (RecursionError, ValueError):  # nested past MAX_DEPTH, an int past Python's digit limit
+            carried = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        return result_record(i, "ran", ms, value=value if carried else {"__opaque__": "too large to carry"})
+    except PerTestTimeout:
+        return result_record(i, "timeout", (time.monotonic() - t0) * 1e3, error="")
+    except BaseException as e:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        state = "sandbox_violation" if classify(e) == EXIT_VIOLATION else "runtime_error"
+        return result_record(i, state, (time.monotonic() - t0) * 1e3, error=f"{type(e).__name__}: {e}")
+
+
+def call(method, args):
+    if isinstance(args, list) and args and isinstance(args[0], dict):
+        # the official checker turns JSON's string keys back into ints (and keeps one argument)
+        with contextlib.suppress(ValueError):
+            args = [{int(k): v for k, v in args[0].items()}]
+    return method(*args)
 
 
 def run_call_tests(spec: dict, prelude: dict) -> None:
     try:
         code_obj = compile(spec["code"], "solution.py", "exec")
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
-        emit({"event": "compile_error", "error": f"{type(e).__name__}: {e}"})
+        emit({"event": "compile_error", "error": f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS]})
         return
     n, timeout_s = len(spec["inputs"]), float(spec["timeout_s"])
-    fresh_file("stdin.txt")
-    fresh_file("stdout.txt")
+    stdio = (memory_file("stdin"), memory_file("stdout"), memory_file("stderr"))
     read_fd, write_fd = os.pipe()
+    token = os.urandom(16).hex().encode()
     pid = os.fork()
     if pid == 0:
         os.setpgid(0, 0)
         os.close(read_fd)
         results_fd = os.dup2(write_fd, 3)
-        child_setup(math.ceil(timeout_s * n) + 2, "stdin.txt", "stdout.txt", keep_fd=results_fd)
-        call_tests_child(code_obj, spec, prelude, results_fd)
+        child_setup(math.ceil(timeout_s * n) + 2, stdio, keep_fd=results_fd)
+        call_tests_child(code_obj, spec, prelude, results_fd, token)
     os.close(write_fd)
-    relay_call_results(os.fdopen(read_fd, "rb"), pid, n, timeout_s)
+    relay_call_results(read_fd, pid, n, timeout_s, stdio[2], token)
 
 
-def relay_call_results(results, pid: int, n: int, timeout_s: float) -> None:
-    """Forward the child's result lines; a test past its deadline (the child ignored its alarm) or a
-    child that died ends the run: the remaining tests get timeout (killed) or runtime_error."""
-    done, buffer = 0, b""
+def relay_call_results(
+    read_fd: int, pid: int, n: int, timeout_s: float, stderr_fd: int, token: bytes
+) -> None:
+    """Check and pass on the child's records; a line without `token`, out of shape or out of turn, or
+    anything after the last test, ends the run as `invalid`. A test past its deadline (the child ignored
+    its alarm) or a child that died ends it too: the remaining tests get `killed`, or its exit status."""
+    lines, done, invalid = LineReader(read_fd, MAX_RECORD_BYTES + len(token) + 1), 0, None
     deadline = time.monotonic() + timeout_s + 2.0  # the first deadline includes the module's own start
     while done < n:
-        ready, _, _ = select.select([results], [], [], max(0.0, deadline - time.monotonic()))
-        chunk = os.read(results.fileno(), 1 << 20) if ready else None
-        if not chunk:
+        line = lines.next(deadline)
+        if line is None:
             break
-        buffer += chunk
-        while b"\n" in buffer:
-            line, buffer = buffer.split(b"\n", 1)
-            event = json.loads(line)
-            emit(event)
-            if event["event"] == "compile_error":
-                done = n
-                break
-            done += 1
-            deadline = time.monotonic() + timeout_s + 1.0
-    killed = done < n and chunk is None
+        try:
+            if not line.startswith(token + b" "):
+                raise ProtocolError("a line the harness's code did not write")
+            line = line[len(token) + 1 :]
+            record = parse_record(line, "call")
+            if not (record["event"] == "test" and record["i"] == done) and not (
+                record["event"] == "compile_error" and done == 0
+            ):
+                raise ProtocolError(f"a {record['event']} record where test {done} was due")
+        except ProtocolError as e:
+            invalid = f"test {done}: {e}"
+            break
+        sys.stdout.buffer.write(line + b"\n")
+        sys.stdout.flush()
+        done = n if record["event"] == "compile_error" else done + 1
+        deadline = time.monotonic() + timeout_s + 1.0
+    killed = lines.timed_out
+    if done == n and lines.next(time.monotonic() + 1.0) is not None:  # an honest child exits right away
+        invalid = "a record after the last test"
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
     kill_others()
+    if invalid is not None:
+        emit({"event": "invalid", "error": invalid[:MAX_ERROR_CHARS]})
+        return
+    state = "killed" if killed else child_status(status)
     for i in range(done, n):
-        state = "timeout" if killed else child_status(status)
         emit(
-            {
-                "event": "test",
-                "i": i,
-                "status": "runtime_error" if state == "ran" else state,
-                "killed": killed,
-                "error": stderr_tail(),
-                "ms": 0.0,
-            }
+            result_record(i, "runtime_error" if state == "ran" else state, 0.0, error=stderr_tail(stderr_fd))
         )
 
 
 def main() -> None:
+    # PID 1 of a namespace receives only the signals it handles: Python's SIGINT handler (KeyboardInterrupt)
+    # would let a program stop the harness with kill(1, SIGINT)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     if os.getpid() == 1:  # our parent (unshare) dying must take the whole namespace with it
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG; the uid change cleared it
     ctypes.CDLL(None).prctl(4, 0)  # PR_SET_DUMPABLE 0: tests cannot ptrace us or open /proc/1/fd
@@ -399,6 +425,7 @@ def main() -> None:
         # not installed, or the memory limit is below its footprint: the program will say so itself
         with contextlib.suppress(ImportError, MemoryError):
             exec("import numpy as np", prelude)
+    emit({"event": "start"})  # from here on, a harness that stops early was stopped by the program
     if spec["kind"] == "call":
         run_call_tests(spec, prelude)
     else:

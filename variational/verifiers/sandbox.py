@@ -1,7 +1,9 @@
 """A jail for untrusted Python: the code verifier runs every candidate program through `start_python`.
 
-In:  Python source (the harness, variational/verifiers/harness.py), bytes for its stdin, limits.
-Out: a `Jail` whose stdout lines are read under a deadline; `close()` kills everything that ran inside.
+In:  Python source (the harness, variational/verifiers/harness.py), bytes for its stdin, limits, and the
+     setting `verify.sandbox` (auto | root | userns | none; `resolve_mode` turns it into a mode).
+Out: a `Jail` whose stdout lines are read one at a time under a deadline, in linear time and bounded
+     (`read_line`); `close()` kills everything that ran inside.
 
 What it enforces (mode "root": we are root, as here and in CI; measured to work with util-linux 2.38):
 - its own namespaces: network (only a downed loopback), mount, PID, IPC, UTS (`unshare`);
@@ -15,8 +17,11 @@ What it enforces (mode "root": we are root, as here and in CI; measured to work 
 - nothing outlives the verdict: the harness is PID 1 of the namespace and kills every other process after
   each test; when PID 1 exits the kernel kills the rest; `close()` kills PID 1 from outside.
 Mode "userns" (not root, unprivileged user namespaces allowed): the same jail as a mapped root without
-capabilities, but no dedicated uid, so no RLIMIT_NPROC. Mode "none": rlimits and a process group only
-(plus a dedicated uid when root), with the host filesystem and network visible; both fallbacks are logged.
+capabilities, but no dedicated uid, so no RLIMIT_NPROC. Setting "auto" takes root, else userns (logged),
+and never less: where neither starts, `resolve_mode` raises SandboxUnavailable, one line naming what
+failed and how to go on. Mode "none" is no isolation at all, only when set explicitly: rlimits and a
+process group (plus a dedicated uid when root), with the host's files (the data root's expected outputs
+included) and network visible, and a setsid() daemon outliving the verdict; it is logged as a warning.
 It is not a VM: programs share the host kernel, so a kernel exploit escapes it. For hostile code at scale,
 run the verifier inside gVisor / a VM as well.
 """
@@ -29,7 +34,6 @@ import itertools
 import logging
 import os
 import resource
-import select
 import shlex
 import shutil
 import signal
@@ -42,7 +46,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-MODES = ("root", "userns", "none")
+from variational.config import ConfigError
+from variational.registry import CODE_SANDBOXES
+from variational.verifiers.records import LineReader
+
+MODES = ("root", "userns", "none")  # what a jail is; the settings (CODE_SANDBOXES) add "auto"
 UID_BASE = 1_900_000_000  # far above login users and the usual /etc/subuid ranges
 _DEV_NODES = ("null", "zero", "full", "random", "urandom")
 _ENV = {
@@ -147,14 +155,19 @@ def _setup_script(mode: str, root: str, uid: int, limits: Limits) -> str:
 def _unshare_cmd(mode: str) -> list[str]:
     user = ["--user", "--map-root-user"] if mode == "userns" else []
     ns = ["--net", "--mount", "--pid", "--ipc", "--uts", "--fork", "--kill-child", "--propagation", "private"]
-    return [shutil.which("unshare") or "unshare", *user, *ns]
+    unshare = shutil.which("unshare")
+    if unshare is None:  # looked up on our PATH, not the jail's: where the caller hid it, there is none
+        raise FileNotFoundError("unshare (util-linux) is not on PATH")
+    return [unshare, *user, *ns]
 
 
 # ================================================================ running
 class Jail:
-    """One harness process in the sandbox. Read `lines(deadline)`; always `close()` (or use `with`)."""
+    """One harness process in the sandbox. Read `read_line(deadline)`; always `close()` (or use `with`)."""
 
     def __init__(self, source: str, stdin: bytes, limits: Limits, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"sandbox mode {mode!r}: use one of {MODES}")
         self.mode, self.limits = mode, limits
         self._stack = contextlib.ExitStack()
         # "none" as root: drop to a uid of its own too, when that uid can reach the interpreter
@@ -184,7 +197,7 @@ class Jail:
         except BaseException:
             self._stack.close()  # give the uid back
             raise
-        self._buffer = b""
+        self._reader = LineReader(self.proc.stdout.fileno())
         threading.Thread(target=self._feed, args=(stdin,), daemon=True).start()
 
     def _popen(self, cmd: list[str], env: dict, workdir: str, preexec) -> subprocess.Popen:
@@ -204,18 +217,14 @@ class Jail:
             self.proc.stdin.write(data)
             self.proc.stdin.close()
 
-    def lines(self, deadline: float) -> Iterator[bytes]:
-        """The harness's stdout, line by line, until it closes it or `deadline` (time.monotonic) passes."""
-        fd = self.proc.stdout.fileno()
-        while True:
-            while b"\n" in self._buffer:
-                line, self._buffer = self._buffer.split(b"\n", 1)
-                yield line
-            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-            chunk = os.read(fd, 1 << 20) if ready else b""
-            if not chunk:
-                return
-            self._buffer += chunk
+    def read_line(self, deadline: float) -> bytes | None:
+        """The harness's next stdout line; None when it closed its stdout, or `deadline` (time.monotonic)
+        passed first (then `timed_out`). A line past records.MAX_RECORD_BYTES comes back cut, and ends."""
+        return self._reader.next(deadline)
+
+    @property
+    def timed_out(self) -> bool:
+        return self._reader.timed_out
 
     def stderr(self) -> str:
         self._stderr.seek(0)
@@ -284,48 +293,76 @@ def _plain_limits(limits: Limits, uid: int | None) -> None:
 
 
 def start_python(source: str, stdin: bytes, limits: Limits, mode: str | None = None) -> Jail:
-    """Run `python -I -c source` in the strongest jail this machine allows (or `mode`)."""
-    return Jail(source, stdin, limits, mode or sandbox_mode())
+    """Run `python -I -c source` in the jail `mode` (a setting of CODE_SANDBOXES; None: auto)."""
+    return Jail(source, stdin, limits, resolve_mode(mode or "auto"))
 
 
 # ================================================================ which mode works here
 _PROBE = "import os, sys; print(os.getuid(), os.getpid(), os.path.exists('/etc/passwd'), sys.stdin.read())"
 
 
-def probe(mode: str) -> str | None:
-    """None when a jail of `mode` runs here and looks as it should, else why not."""
-    try:
-        with start_python(_PROBE, b"ok", Limits(memory_mb=512), mode) as jail:
-            out = b"\n".join(jail.lines(time.monotonic() + 30)).decode(errors="replace").split()
-            err = jail.stderr()
-    except OSError as e:
-        return str(e)
-    expected_uid = str(jail.uid) if mode == "root" else None
-    if len(out) != 4 or out[3] != "ok" or (mode != "none" and (out[1] != "1" or out[2] != "False")):
-        return f"probe printed {out}; stderr: {err.strip()[-300:]}"
-    if expected_uid and out[0] != expected_uid:
-        return f"probe ran as uid {out[0]}, not {expected_uid}"
-    return None
+class SandboxUnavailable(ConfigError):
+    """The isolation asked for cannot be set up here: code verification stops (one line: what failed, and
+    the explicit setting that runs programs without isolation)."""
 
 
 @functools.cache
-def sandbox_mode() -> str:
-    """The strongest mode that works here (VARIATIONAL_SANDBOX forces one); a fallback is logged once."""
-    forced = os.environ.get("VARIATIONAL_SANDBOX")
-    if forced:
-        if forced not in MODES:
-            raise ValueError(f"VARIATIONAL_SANDBOX={forced!r}: use one of {MODES}")
-        return forced
+def probe(mode: str) -> str | None:
+    """None when a jail of `mode` runs here and looks as it should, else why not (one line)."""
+    try:
+        with Jail(_PROBE, b"ok", Limits(memory_mb=512), mode) as jail:
+            lines, deadline = [], time.monotonic() + 30
+            while (line := jail.read_line(deadline)) is not None:
+                lines.append(line)
+            out = b"\n".join(lines).decode(errors="replace").split()
+            err = " ".join(jail.stderr().split())
+    except OSError as e:
+        return str(e)
+    if len(out) != 4 or out[3] != "ok" or (mode != "none" and (out[1] != "1" or out[2] != "False")):
+        return f"the probe printed {out}; stderr: {err[-300:]}"
+    if mode == "root" and out[0] != str(jail.uid):
+        return f"the probe ran as uid {out[0]}, not {jail.uid}"
+    return None
+
+
+def resolve_mode(setting: str) -> str:
+    """The jail mode for a `verify.sandbox` setting: "auto" is root (when we are root), else userns, and
+    never none; "root" / "userns" must start; "none" only when asked for. Raises SandboxUnavailable when
+    the isolation cannot be set up, ConfigError for an unknown setting."""
+    if "VARIATIONAL_SANDBOX" in os.environ:  # read until issue 17: refuse it rather than ignore it
+        raise ConfigError(
+            "VARIATIONAL_SANDBOX is no longer read; unset it and set verify.sandbox "
+            f"({' | '.join(CODE_SANDBOXES)}) in the config"
+        )
+    if setting not in CODE_SANDBOXES:
+        raise ConfigError(f"verify.sandbox {setting!r} is unknown: use one of {', '.join(CODE_SANDBOXES)}")
+    if setting == "none":
+        _warn_unsandboxed()
+        return "none"
+    wanted = [setting] if setting != "auto" else ["root", "userns"] if os.geteuid() == 0 else ["userns"]
     failures = []
-    for mode in ("root", "userns") if os.geteuid() == 0 else ("userns",):
+    for mode in wanted:
         why = probe(mode)
         if why is None:
             if failures:
-                log().warning("sandbox: using mode %s (%s)", mode, "; ".join(failures))
+                _log_fallback(mode, "; ".join(failures))
             return mode
-        failures.append(f"{mode} unavailable: {why}")
-    log().warning(
-        "sandbox: no namespaces (%s); code runs with rlimits only, seeing the host files and network",
-        "; ".join(failures),
+        failures.append(f"{mode}: {why}")
+    raise SandboxUnavailable(
+        f"code sandbox unavailable ({'; '.join(failures)}): run as root or allow unprivileged user "
+        "namespaces (with unshare from util-linux on PATH), or set verify.sandbox: none to run candidate "
+        "programs WITHOUT isolation (they see this machine's files and network)"
     )
-    return "none"
+
+
+@functools.cache
+def _log_fallback(mode: str, why: str) -> None:
+    log().warning("sandbox: using mode %s (%s)", mode, why)
+
+
+@functools.cache
+def _warn_unsandboxed() -> None:
+    log().warning(
+        "sandbox: verify.sandbox is none: candidate programs run WITHOUT isolation (rlimits only; they see "
+        "this machine's files and network)"
+    )
