@@ -48,7 +48,7 @@ The differences (item: the stage that asks. strict | official):
 - LiveCodeBench grading: eval, both columns whatever the parity. APPS rules (lines, words, floats), called by
   `func_name`, `verify.code_timeout_s` per test | the whole output stripped equal; the function named by the
   word before the first `(`, looked up in the module (a `class Solution` answer fails), `==` on its value;
-  (6+1)·n_tests+5 s for the suite (verifiers/apps_check.py `lcb_*`).
+  (6+1)·n_tests+5 s for the suite (verifiers/lcb_check.py).
 - unparsable gold in eval: eval, both columns whatever the parity. The problem is left out of avg@k
   (`n_skipped`) | counted wrong.
 """

@@ -33,6 +33,7 @@ GRADING_CODE = (
     "variational.verifiers.answers",
     "variational.verifiers.math_rules",
     "variational.verifiers.apps_check",
+    "variational.verifiers.lcb_check",
     "variational.verifiers.harness",
     "variational.verifiers.records",
     "variational.verifiers.sandbox",
@@ -197,7 +198,7 @@ def check_code(
     (variational/verifiers/sandbox.py) before any row runs. With "none" the rows' verifier is
     code_tests_unsandboxed.
     `problem_timeout_s` caps a problem's tests together (official: 11 s). `comparison="lcb"`: the
-    LiveCodeBench harness's rules (apps_check.lcb_*: its comparison, call rule and time budget)."""
+    LiveCodeBench harness's rules (variational/verifiers/lcb_check.py: its comparison, call rule, time budget)."""
     require(df, ("text", "tests"), "check_code")
     mode = resolve_mode(sandbox)
     rows = list(zip(df["text"].to_list(), df["tests"].to_list(), strict=True))

@@ -33,7 +33,8 @@ paper's data. Not reproduced even then: the StringIO stdin, the 11 s cap per pro
 Problems that need a special judge (any valid output accepted; TACO marks 218 of its test split, SOURCES.md
 §6, and APPS train 2287 is one) are judged by exact comparison, as officially: correct programs can fail.
 `problem_timeout_s` caps all tests of a problem together (the official checker: 11 s), then wrong.
-`comparison="lcb"`: LiveCodeBench as SkyThought's harness judges it (method.md §10, section below).
+`comparison="lcb"`: LiveCodeBench as SkyThought's harness judges it (method.md §10; its rules:
+variational/verifiers/lcb_check.py).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from variational.verifiers import sandbox
+from variational.verifiers import lcb_check, sandbox
 from variational.verifiers.records import Opaque, ProtocolError, decode_value, parse_record
 
 log = logging.getLogger("variational")
@@ -208,83 +209,7 @@ def call_output_matches(value: Any, expected: Any) -> bool:
 
 
 # ================================================================ LiveCodeBench, as the harness judges it
-# SkyThought 0d190f1 skythought/evals/tasks/livecodebench (method.md §10), behaviour re-stated:
-# - the program: the last block of a fence whose language is letters only, with `</code>` / `<code>` removed;
-# - stdin tests: the whole printed output, stripped, equals the expected output stripped (one trailing "-"
-#   and what follows it dropped, as its test preparation does); no per-line or float tolerance;
-# - functional tests: the arguments parsed from the raw test text by its parser (key=value pairs, or one
-#   argument per line: quoted text, a JSON list, a number, else the text), the expected value JSON or text;
-#   the function is named by the word before the first `(` of the program and looked up in the module
-#   (no `class Solution` instance, no import prelude), and its return value must `==` the expected value;
-# - time: no per-test limit, (6 + 1) * n_tests + 5 s for the whole suite; the first failing test ends it.
-COMPARISONS = ("apps", "lcb")
-LCB_TEST_S, LCB_SUITE_EXTRA_S = 6.0, 5.0
-
-
-def lcb_budget_s(n_tests: int) -> float:
-    return (LCB_TEST_S + 1.0) * n_tests + LCB_SUITE_EXTRA_S
-
-
-def lcb_code(text: str | None) -> str | None:
-    blocks = _OFFICIAL_FENCE.findall(text or "")
-    if not blocks:
-        return None
-    return blocks[-1].split("</code>")[0].replace("```python", "").split("```")[0].replace("<code>", "")
-
-
-def lcb_function_name(code: str) -> str | None:
-    """The harness's guess at the function to call: the last word before the first `(`."""
-    words = code.split("(")[0].split()
-    return words[-1] if words else None
-
-
-def lcb_expected_stdout(expected: Any) -> str:
-    text = ("\n".join(map(str, expected)) if isinstance(expected, list) else str(expected or "")).strip()
-    if text.endswith("-"):
-        text = text[: text.rfind("-")].rstrip()
-    return text
-
-
-def _lcb_scalar(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def lcb_call_args(raw: str) -> list:
-    """A functional test's input text -> the argument list, by the harness's parser (raises ValueError
-    where it raises: then the harness fails the test whatever the program)."""
-    if "=" in raw:  # `a = 1, b = "x"`: every value cast to int, float, else text without quotes
-        parts = [part.strip() for part in raw.split(",")] if "," in raw else [raw]
-        args = []
-        for part in parts:
-            _, value = part.split("=")
-            value = value.strip()
-            cast = _lcb_scalar(value)
-            args.append(cast.strip('"') if isinstance(cast, str) else cast)
-        return args
-    args = []
-    for line in (line.strip() for line in raw.split("\n")):
-        if not line:
-            continue
-        if line.startswith('"') and line.endswith('"'):
-            args.append(line.strip('"'))
-        elif line.startswith("[") and line.endswith("]"):
-            args.append(json.loads(line))
-        else:
-            args.append(_lcb_scalar(line))
-    return args
-
-
-def lcb_expected_value(raw: str) -> Any:
-    text = str(raw).strip()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+COMPARISONS = ("apps", "lcb")  # apps: the official APPS checker; lcb: variational/verifiers/lcb_check.py
 
 
 def lcb_tests(value: Any, code: str | None) -> Tests | Verdict | None:
@@ -298,20 +223,16 @@ def lcb_tests(value: Any, code: str | None) -> Tests | Verdict | None:
         raise ValueError("functional tests without raw_inputs / raw_outputs: not a LiveCodeBench row")
     if code is None:
         return Verdict("no_code", False)
-    name = lcb_function_name(code)
+    name = lcb_check.function_name(code)
     if name is None or not name.isidentifier():
         return Verdict("compile_error", False, code, f"the harness would call {name!r}: not a function name")
     try:
-        inputs = [lcb_call_args(str(x)) for x in raw["raw_inputs"]]
+        inputs = [lcb_check.call_args(str(x)) for x in raw["raw_inputs"]]
     except ValueError as e:
         return Verdict("wrong", False, code, f"the harness's parser fails on a test input: {e}")
-    return Tests(inputs=inputs, outputs=[lcb_expected_value(x) for x in raw["raw_outputs"]], fn_name=name)
-
-
-def lcb_output_matches(kind: str, got: Any, expected: Any) -> bool:
-    if kind == "stdin":
-        return got.strip() == lcb_expected_stdout(expected)
-    return got == expected
+    return Tests(
+        inputs=inputs, outputs=[lcb_check.expected_value(x) for x in raw["raw_outputs"]], fn_name=name
+    )
 
 
 # ================================================================ one program
@@ -342,7 +263,7 @@ def judge(
     if comparison not in COMPARISONS:
         raise ValueError(f"unknown comparison {comparison!r}; use one of {COMPARISONS}")
     lcb = comparison == "lcb"
-    code = lcb_code(text) if lcb else last_code_block(text, official=official_quirks)
+    code = lcb_check.code_block(text) if lcb else last_code_block(text, official=official_quirks)
     try:
         parsed = lcb_tests(tests, code) if lcb else parse_tests(tests)
     except ValueError as e:
@@ -354,7 +275,7 @@ def judge(
     if code is None:
         return Verdict("no_code", False)
     if lcb:  # no per-test limit officially: one budget for the suite
-        official_quirks, timeout_s = False, lcb_budget_s(len(parsed.inputs))
+        official_quirks, timeout_s = False, lcb_check.budget_s(len(parsed.inputs))
         problem_timeout_s = timeout_s
     spec = {
         "kind": parsed.kind,
@@ -367,7 +288,7 @@ def judge(
     }
     limits = sandbox.Limits(memory_mb=memory_mb, max_processes=max_processes)
     rules = Rules(
-        timeout_s, problem_timeout_s, official_quirks, lcb_output_matches if lcb else output_matches
+        timeout_s, problem_timeout_s, official_quirks, lcb_check.output_matches if lcb else output_matches
     )
     with sandbox.start_python(jail_program(), json.dumps(spec).encode(), limits, mode) as jail:
         return read_verdict(jail, parsed, timeout_s, official_quirks, code, rules=rules)
