@@ -12,7 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ["variational", "flows", "tasks", "trainers"]
 # Layers, lowest first: a module may import its own layer and the ones below, never one above. The
-# top-level modules of variational/ (config, registry, templates, shutdown) are the base every layer uses;
+# top-level modules of variational/ (config, registry, templates, shutdown, parity) are the base every layer uses;
 # pipeline, engines, verifiers and data are independent of each other; trainers train; analysis reads
 # finished stores; tasks declare stages on all of them; flows compose tasks; the CLI starts everything.
 LAYERS: list[set[str]] = [
