@@ -10,13 +10,20 @@ Only traces with format_ok get rollouts: a trace that never closed its thought h
 the weights stage gives it accuracy null (the summary counts them). The prompt is templates.rollout_prompt
 (π_θ prompt + think + `<|end_of`); n = M per trace, one seed per trace (method.md §8.6), prefix caching on:
 the K traces of a question share the π_θ prompt and the M samples of a trace share all of it.
+`parity: official` (variational/parity.py `rollout_rules`) does what sample_from_initial_reasoning_model.py
+does: every trace gets rollouts (an unclosed one after its whole response + `<|end_of`), and the M rollouts
+of a trace are M requests of n=1 sharing ONE seed, the same for every trace of sample index k (the
+official split k): near-identical answers. n=M with that seed would not be the same: vLLM seeds child j of
+a request with seed + j (vllm/v1/engine/parallel_sampling.py), so the M answers would be independent.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import polars as pl
 
-from variational import templates
+from variational import parity, templates
 from variational.config import SamplingConfig
 from variational.engines.samples import ENGINE_FIELDS, open_sampler
 from variational.engines.sampling import Completion, request_seed
@@ -39,15 +46,18 @@ ROLLOUTS_SCHEMA = {
 
 
 def rollout_requests(
-    problems: pl.DataFrame, posterior_samples: pl.DataFrame, round_: int = 1
+    problems: pl.DataFrame, posterior_samples: pl.DataFrame, round_: int = 1, unclosed: bool = False
 ) -> pl.DataFrame:
-    """Well-formed traces -> (prompt_idx, sample_idx, round, prompt), sorted so a question's traces are adjacent.
+    """Well-formed traces (every trace when `unclosed`) -> (prompt_idx, sample_idx, round, prompt), sorted so
+    a question's traces are adjacent.
 
     A trace whose prompt_idx is not in `problems` raises, naming it. A missing `round` column means round_."""
     samples = posterior_samples
     if "round" not in samples.columns:
         samples = samples.with_columns(round=pl.lit(round_, pl.Int64))
-    traces = samples.filter(pl.col("format_ok")).select("prompt_idx", "sample_idx", "round", "think")
+    if not unclosed:
+        samples = samples.filter(pl.col("format_ok"))
+    traces = samples.select("prompt_idx", "sample_idx", "round", "think")
     joined = traces.join(problems.select("prompt_idx", "question"), on="prompt_idx", how="left")
     if (missing := joined.filter(pl.col("question").is_null())).height:
         raise ValueError(
@@ -63,12 +73,27 @@ def rollout_requests(
     return pl.DataFrame(rows, schema=REQUEST_SCHEMA).sort("prompt_idx", "sample_idx")
 
 
-def request_seeds(requests: pl.DataFrame, sampling_cfg: SamplingConfig) -> list[int]:
-    """One seed per trace, stable in (round, prompt_idx, sample_idx)."""
+def request_seeds(requests: pl.DataFrame, sampling_cfg: SamplingConfig, shared: bool = False) -> list[int]:
+    """One seed per trace, stable in (round, prompt_idx, sample_idx); `shared` (official): one seed per
+    (round, sample_idx), the same for every question, as the official split k runs with seed k."""
     return [
-        request_seed(sampling_cfg.seed, int(r), int(p), int(k))
+        request_seed(sampling_cfg.seed, int(r), 0 if shared else int(p), int(k))
         for p, k, r in requests.select("prompt_idx", "sample_idx", "round").iter_rows()
     ]
+
+
+def generate_rollouts(
+    sampler: Any, prompts: list[str], seeds: list[int], m: int, sampling: SamplingConfig, shared_seed: bool
+) -> list[list[Completion]]:
+    """M completions per prompt: one request with n=M (its children seeded seed, seed+1, ...: independent),
+    or, with `shared_seed`, M requests of n=1 that all carry the prompt's seed (the official copies)."""
+    kwargs = {"sampling": sampling, "stop": [templates.ANSWER_STOP], "include_stop": True}
+    if not shared_seed:
+        return sampler.generate(prompts, n=m, seeds=seeds, **kwargs)
+    copies = sampler.generate(
+        [p for p in prompts for _ in range(m)], n=1, seeds=[s for s in seeds for _ in range(m)], **kwargs
+    )
+    return [[c[0] for c in copies[i * m : (i + 1) * m]] for i in range(len(prompts))]
 
 
 def parse_rollouts(
@@ -116,21 +141,17 @@ def summarize(traces: int, requests: int, rollouts: pl.DataFrame) -> str:
 
 # ---------------------------------------------------------------- declaration
 def _plan(i: Inputs) -> pl.DataFrame:
-    return rollout_requests(i.table("problems"), i.table("posterior_samples"), i.round)
+    rules = parity.rollout_rules(i.conf)
+    return rollout_requests(i.table("problems"), i.table("posterior_samples"), i.round, rules.unclosed_traces)
 
 
 def _shard(i: Inputs, engine: Engine, shard: pl.DataFrame) -> pl.DataFrame:
     if shard.is_empty():  # no well-formed trace at all: an empty table, no engine
         return pl.DataFrame(schema=ROLLOUTS_SCHEMA)
-    seeds = request_seeds(shard, i.conf.rollout_sampling)
-    completions = engine.get().generate(
-        shard["prompt"].to_list(),
-        n=i.conf.M,
-        sampling=i.conf.rollout_sampling,
-        stop=[templates.ANSWER_STOP],
-        seeds=seeds,
-        include_stop=True,
-    )
+    shared = parity.rollout_rules(i.conf).shared_seed
+    seeds = request_seeds(shard, i.conf.rollout_sampling, shared)
+    prompts = shard["prompt"].to_list()
+    completions = generate_rollouts(engine.get(), prompts, seeds, i.conf.M, i.conf.rollout_sampling, shared)
     return parse_rollouts(shard, completions, seeds)
 
 
@@ -142,9 +163,14 @@ def _summary(i: Inputs, rollouts: pl.DataFrame) -> str:
 ROLLOUTS = Stage(
     name="rollouts",
     inputs=("problems", "posterior_samples", "pi_theta0"),
-    fields=("M", "rollout_sampling", *ENGINE_FIELDS),
+    fields=("parity", "M", "rollout_sampling", *ENGINE_FIELDS),
     uses=("engine",),
-    code=("variational.engines.samples", "variational.engines.sampling", "variational.templates"),
+    code=(
+        "variational.engines.samples",
+        "variational.engines.sampling",
+        "variational.templates",
+        "variational.parity",
+    ),
     plan=_plan,
     shard=_shard,
     shard_size="rollout_sampling.shard_size",

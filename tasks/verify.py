@@ -5,6 +5,8 @@ Out: table `verdicts`: the rollout keys plus extracted, correct, status, verifie
 Math rows: our math-verify grader (variational/verifiers/math_rules.py), gold first; code rows: the last
 fenced ```python block on the APPS/TACO tests in the sandbox of `verify.sandbox` (where none can be set up,
 the stage stops; with `none` the rows' verifier is code_tests_unsandboxed and the summary says so).
+`parity: official` judges with the official math grader and the official code time limits and
+verdict rule (variational/parity.py `verify_rules`).
 `check_answers` and `check_code` (variational/verifiers/answers.py) are re-exported here: the public entry
 points of the verifier contract.
 """
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import polars as pl
 
+from variational import parity
 from variational.config import VerifyConfig
+from variational.parity import VerifyRules
 from variational.pipeline.stage import Engine, Inputs, Stage
 from variational.verifiers.answers import (
     CODE_STATUSES,
@@ -27,6 +31,7 @@ from variational.verifiers.answers import (
     unsandboxed_warning,
 )
 from variational.verifiers.math_rules import MathPool
+from variational.verifiers.official_math import OfficialMathPool
 
 __all__ = ["check_answers", "check_code", "verify", "VERDICTS", "PRIOR_VERDICTS"]
 
@@ -35,14 +40,26 @@ _ROW = "__verify_row"
 
 
 def verify(
-    rollouts: pl.DataFrame, problems: pl.DataFrame, cfg: VerifyConfig, *, pool: MathPool | None = None
+    rollouts: pl.DataFrame,
+    problems: pl.DataFrame,
+    cfg: VerifyConfig,
+    *,
+    pool: MathPool | OfficialMathPool | None = None,
+    rules: VerifyRules | None = None,
 ) -> pl.DataFrame:
     """rollouts[prompt_idx, (sample_idx, rollout_idx, round,) text] + problems[prompt_idx, kind, gold, tests]
     -> verdicts: the rollout keys + extracted, correct, status, verifier, elapsed_ms, in rollout order.
-    kind "code" rows run their tests; every other row goes to math-verify against `gold`."""
+    kind "code" rows run their tests; every other row goes to the math grader against `gold`. `rules`
+    (parity.verify_rules): the grader and code limits; default the strict ones of `cfg`."""
+    if rules is None:
+        rules = VerifyRules(
+            "strict", cfg.code_timeout_s, cfg.code_problem_timeout_s, cfg.code_official_quirks
+        )
     require(rollouts, ("prompt_idx", "text"), "verify: rollouts")
     require(problems, ("prompt_idx", "gold"), "verify: problems")
     keys = [k for k in KEYS if k in rollouts.columns]
+    if rules.gold_form == "solution":
+        problems = problems.with_columns(gold=official_golds(problems))
     probs = problems.select(
         "prompt_idx",
         pl.col("kind") if "kind" in problems.columns else pl.lit("math").alias("kind"),
@@ -58,18 +75,19 @@ def verify(
     math_rows, code_rows = joined.filter(~is_code), joined.filter(is_code)
     parts = []
     if math_rows.height:
-        parts.append(
-            check_answers(math_rows.select(_ROW, "text", "gold"), cfg.timeout_s, cfg.workers, pool=pool)
-        )
+        golds = math_rows.select(_ROW, "text", "gold")
+        kw = {"pool": pool, "grader": rules.grader, "gold_form": rules.gold_form}
+        parts.append(check_answers(golds, cfg.timeout_s, cfg.workers, **kw))
     if code_rows.height:
         parts.append(
             check_code(
                 code_rows.select(_ROW, "text", "tests"),
-                cfg.code_timeout_s,
+                rules.code_timeout_s,
                 cfg.code_memory_mb,
                 cfg.workers,
-                official_quirks=cfg.code_official_quirks,
+                official_quirks=rules.code_quirks,
                 max_processes=cfg.code_max_processes,
+                problem_timeout_s=rules.code_problem_timeout_s,
                 sandbox=cfg.sandbox,
             )
         )
@@ -79,6 +97,20 @@ def verify(
         else pl.DataFrame(schema={_ROW: pl.UInt32, **VERDICT_SCHEMA})
     )
     return joined.select(_ROW, *keys).join(verdicts, on=_ROW, how="left").sort(_ROW).drop(_ROW)
+
+
+def official_golds(problems: pl.DataFrame) -> pl.Series:
+    """The golds of each problem as whole solutions (gold_form "solution"), as verify_parallel.py gives them
+    to the official grader: the source's ground-truth solution OR the reference solution. Ours keep the
+    ground truth's answer, extracted at ingest from its last \\boxed: re-boxed, it reads back the same; the
+    reference solution (solution_ref) goes in whole, so the official fallbacks ("the answer is", the last
+    number) apply to it."""
+    sols = problems["solution_ref"] if "solution_ref" in problems.columns else [None] * problems.height
+    golds = [
+        [f"\\boxed{{{g}}}" for g in (gold or []) if g] + ([sol] if sol else [])
+        for gold, sol in zip(problems["gold"].to_list(), sols, strict=True)
+    ]
+    return pl.Series("gold", golds, dtype=pl.List(pl.String))
 
 
 def verdict_summary(verdicts: pl.DataFrame) -> str:
@@ -101,6 +133,13 @@ def verdict_summary(verdicts: pl.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _math_pool(i: Inputs) -> MathPool | OfficialMathPool:
+    """The math grader's workers (ours, or the official harness's under `parity: official`), shared by the
+    stage's shards; they start on the first math row."""
+    official = parity.verify_rules(i.conf).grader == "official"
+    return (OfficialMathPool if official else MathPool)(i.conf.verify.workers)
+
+
 def _declare(name: str, items: str) -> Stage:
     """verdicts (of rollouts) and prior_verdicts (of prior samples: the weights w_m of Eq.9) are the same
     stage on different items, sharded over them, with one MathPool for all shards."""
@@ -110,15 +149,18 @@ def _declare(name: str, items: str) -> Stage:
         return rows.rename({"response": "text"}) if "text" not in rows.columns else rows
 
     def shard(i: Inputs, engine: Engine, part: pl.DataFrame) -> pl.DataFrame:
-        return verify(part, i.table("problems"), i.conf.verify, pool=engine.get())
+        rules = parity.verify_rules(i.conf)
+        return verify(part, i.table("problems"), i.conf.verify, pool=engine.get(), rules=rules)
 
     return Stage(
         name=name,
         inputs=(items, "problems"),
         # verify.workers changes speed, not verdicts
         fields=(
+            "parity",
             "verify.timeout_s",
             "verify.code_timeout_s",
+            "verify.code_problem_timeout_s",
             "verify.code_memory_mb",
             "verify.code_max_processes",
             "verify.code_official_quirks",
@@ -126,11 +168,11 @@ def _declare(name: str, items: str) -> Stage:
             "verify.shard_size",
         ),
         uses=("verify",),
-        code=GRADING_CODE,
+        code=(*GRADING_CODE, "variational.parity"),
         plan=plan,
         shard=shard,
         shard_size="verify.shard_size",
-        engine=lambda i: MathPool(i.conf.verify.workers),  # workers start on the first math row
+        engine=_math_pool,
         summary=lambda i, verdicts: verdict_summary(verdicts),
     )
 

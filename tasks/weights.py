@@ -14,6 +14,9 @@ same contract as a plain Python loop, tested equal. Decisions the contract leave
 - `source` null is not ruc; the ruc test is case-sensitive `source.startswith("ruc")`, read row by row (the
   source is a property of the prompt, so all rows of a prompt agree).
 - ties in log ρ go to the lowest sample_idx, then to the earlier input row.
+- `parity: official` (variational/parity.py): the think cap applies to the length the official script
+  compares, min(scored π_θ0 think, scored q_φ think) tokens after scoring's context cap (build_data_*.py
+  `shared_think_len`); that length is the `think_len` column then. Strict: the whole think span.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from variational import parity
 from variational.config import WeightsConfig
 from variational.pipeline.stage import Inputs, Stage
 
@@ -271,15 +275,28 @@ def _accuracy(verdicts: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     return verdicts.group_by(by).agg(accuracy=pl.col("correct").cast(pl.Float64).mean())
 
 
+def scored_think_len(logps: pl.DataFrame) -> pl.DataFrame:
+    """(prompt_idx, sample_idx, round) -> think_len = min(π_θ0, q_φ) scored think tokens (official cap)."""
+    think = logps.filter(pl.col("span") == "think", pl.col("model").is_in([PI, Q]))
+    return think.group_by(KEYS).agg(
+        think_len=pl.when(pl.col("model").n_unique() == 2).then(pl.col("n_tokens").min().cast(pl.Int64))
+    )
+
+
 def build_candidates(
     posterior_samples: pl.DataFrame,
     logps: pl.DataFrame,
     verdicts: pl.DataFrame | None,
     problems: pl.DataFrame,
+    cap_on_scored: bool = False,
 ) -> pl.DataFrame:
-    """One row per posterior sample with the CANDIDATE_COLUMNS (+ round), sorted by round, prompt, sample."""
+    """One row per posterior sample with the CANDIDATE_COLUMNS (+ round), sorted by round, prompt, sample.
+    `cap_on_scored`: think_len is the shorter scored think span (parity official), not the whole think."""
     samples = _with_round(posterior_samples).select(*KEYS, "think_len")
     logps = _with_round(logps)
+    if cap_on_scored:
+        scored = _cast_keys(scored_think_len(logps), samples)
+        samples = samples.drop("think_len").join(scored, on=KEYS, how="left")
     answer = logps.filter((pl.col("model") == PI) & (pl.col("span") == "answer")).select(
         *KEYS,
         answer_logp_mean=pl.col("logp_mean").cast(pl.Float64),
@@ -310,14 +327,16 @@ def weights(
     verdicts: pl.DataFrame | None,
     problems: pl.DataFrame,
     cfg: WeightsConfig,
+    cap_on_scored: bool = False,
 ) -> pl.DataFrame:
-    """Build the candidates, score them per round with cfg.estimator, attach the per-question weight."""
+    """Build the candidates, score them per round with cfg.estimator, attach the per-question weight.
+    `cap_on_scored`: the think cap on the scored think length (parity official, see build_candidates)."""
     if cfg.question_weighting in ("rft", "grpo") and verdicts is None:
         raise ValueError(
             f"weights.question_weighting {cfg.question_weighting!r} needs the question accuracy: "
             "run the answer rollouts and verify (verdicts), or use 'none' / 'mle'"
         )
-    cands = build_candidates(posterior_samples, logps, verdicts, problems)
+    cands = build_candidates(posterior_samples, logps, verdicts, problems, cap_on_scored)
     scored = [
         score_candidates(part, cfg.estimator, cfg.max_think_tokens)
         for part in cands.partition_by("round", maintain_order=True)
@@ -368,13 +387,17 @@ def _weights(i: Inputs) -> pl.DataFrame:
     think = logps.filter(pl.col("span") == "think").group_by(KEYS).agg(pl.col("n_tokens").n_unique())
     if think["n_tokens"].max() != 1:  # some think spans differ in length between models: needs the lists
         logps = i.table("logps")
-    return weights(i.table("posterior_samples"), logps, verdicts, i.table("problems"), i.conf.weights)
+    on_scored = parity.think_cap_on_scored_length(i.conf)
+    return weights(
+        i.table("posterior_samples"), logps, verdicts, i.table("problems"), i.conf.weights, on_scored
+    )
 
 
 WEIGHTS = Stage(
     name="weights",
     inputs=("posterior_samples", "logps", "problems", "verdicts"),
-    fields=("weights",),
+    fields=("weights", "parity"),
+    code=("variational.parity",),
     core=_weights,
     summary=lambda i, out: summarize(out),
 )

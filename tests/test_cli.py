@@ -25,7 +25,7 @@ def test_parser_has_the_subcommands() -> None:
     assert parser.parse_args(["sql", "tiny", "select 1"]).query == "select 1"
     assert parser.parse_args(["sql", "tiny", "-f", "hint_leakage"]).file == "hint_leakage"
     assert parser.parse_args(["models", "prepare"]).name == "smollm2-135m"
-    assert parser.parse_args(["serve"]).names == ["tiny", "subset-1k", "full-17k"]
+    assert parser.parse_args(["serve"]).names == ["tiny", "subset-1k", "full-17k", "full-17k-official"]
     for cmd in (["runs"], ["report", "tiny"], ["verifier-report"]):
         parser.parse_args(cmd)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 from variational.config import ConfigError, apply_overrides, load_config
 
 
-@pytest.mark.parametrize("name", ["tiny", "subset-1k", "full-17k"])
+@pytest.mark.parametrize("name", ["tiny", "subset-1k", "full-17k", "full-17k-official"])
 def test_shipped_configs_validate(name: str) -> None:
     cfg = load_config(f"configs/{name}.yaml")
     assert cfg.name == name
@@ -36,6 +37,22 @@ def test_full_17k_matches_method_hyperparameters() -> None:
     assert cfg.posterior_sampling.temperature == 0.7 and cfg.posterior_sampling.max_tokens == 32764
     assert cfg.weights.max_think_tokens == 28000 and cfg.select.mode == "17k-mix"
     assert cfg.eval.benchmarks["aime24"].k == 32 and cfg.eval.benchmarks["math500"].k == 2
+
+
+def test_subset_1k_has_the_sources_and_the_paper_step_counts() -> None:
+    """method.md §6: Ours-1K trains on all K traces (weighted, no mix) with the batch scaled to keep the 1K
+    baseline's step count; the sources are full-17k's, so code questions keep their tests."""
+    cfg, full = load_config("configs/subset-1k.yaml"), load_config("configs/full-17k.yaml")
+    assert (cfg.data.source_dataset, cfg.data.aux) == (full.data.source_dataset, full.data.aux)
+    assert cfg.select.mode == "all-k" and (cfg.data.limit, cfg.K) == (1000, 8)
+    baseline = (cfg.pi_theta0.batch_size, cfg.pi_theta0.epochs, cfg.pi_theta0.max_length)
+    assert baseline == (16, 5, 32768) and cfg.pi_theta0.adam_beta2 == 0.95
+    assert cfg.final.batch_size == cfg.K * cfg.pi_theta0.batch_size
+
+    def steps(examples: int, train) -> int:  # trainers/sft.py: ceil(epochs x ceil(examples / batch))
+        return math.ceil(train.epochs * math.ceil(examples / train.batch_size))
+
+    assert steps(cfg.K * 1000, cfg.final) == steps(1000, cfg.pi_theta0) == 315
 
 
 def test_unknown_key_is_named() -> None:

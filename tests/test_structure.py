@@ -12,11 +12,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ["variational", "flows", "tasks", "trainers"]
 # Layers, lowest first: a module may import its own layer and the ones below, never one above. The
-# top-level modules of variational/ (config, registry, templates, shutdown) are the base every layer uses;
+# top-level modules of variational/ (config, registry, templates, shutdown, parity) are the base every layer uses;
 # pipeline, engines, verifiers and data are independent of each other; trainers train; analysis reads
 # finished stores; tasks declare stages on all of them; flows compose tasks; the CLI starts everything.
 LAYERS: list[set[str]] = [
-    {"variational.config", "variational.registry", "variational.templates", "variational.shutdown"},
+    {
+        "variational.config",
+        "variational.registry",
+        "variational.templates",
+        "variational.shutdown",
+        "variational.parity",
+    },
     {"variational.pipeline"},
     {"variational.engines", "variational.verifiers", "variational.data"},
     {"trainers"},

@@ -134,3 +134,27 @@ def test_extract_solution_and_parse_pi_response() -> None:
     assert T.parse_pi_response(out) == ("think", "x = 2")
     assert T.extract_solution("think<|end_of_thought|>") is None
     assert T.extract_solution("<|begin_of_solution|>unfinished") == "unfinished"
+
+
+# ---------------------------------------------------------------- the official eval frame (parity official)
+def test_official_eval_system_prompt_is_the_harness_yaml_spelling() -> None:
+    """The fork's model_configs.yaml escapes leave two backslashes in '\\\\n\\\\n'; the rest is the π_θ prompt."""
+    assert "'\\\\n\\\\n'" in T.OFFICIAL_EVAL_SYSTEM and "'\\\\n\\\\n'" not in T.PI_SYSTEM
+    assert T.OFFICIAL_EVAL_SYSTEM.replace("\\\\", "\\") == T.PI_SYSTEM
+    assert T.OFFICIAL_EVAL_PREFILL == "<begin_of_thought>\n\n"  # no pipes (method.md §8.11)
+
+
+def test_prefill_goes_through_the_models_chat_template(embedded_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
+    framed = T.chat_template_prompt(tok, T.OFFICIAL_EVAL_SYSTEM, "What is 1+1?", T.OFFICIAL_EVAL_PREFILL)
+    assert framed == (
+        f"<|im_start|>system\n{T.OFFICIAL_EVAL_SYSTEM}<|im_end|>\n<|im_start|>user\nWhat is 1+1?<|im_end|>\n"
+        "<|im_start|>assistant\n<begin_of_thought>\n\n"  # continued, not closed by <|im_end|>
+    )
+    base = T.chat_template_prompt(tok, T.QWEN_COT_SYSTEM, "What is 1+1?", None)
+    assert base.endswith("What is 1+1?<|im_end|>\n<|im_start|>assistant\n") and T.QWEN_COT_SYSTEM in base
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        T.chat_template_prompt(tok, T.QWEN_COT_SYSTEM, "q", None)

@@ -7,7 +7,7 @@ Examples:
     variational runs                              # runs under ./data and the status of each stage
     variational sql tiny "select source, avg(correct) from verdicts join problems using (prompt_idx) group by 1"
     variational sql tiny -f sql/accuracy_by_source.sql
-    variational serve                             # serve variational/{tiny,subset-1k,full-17k} to a Prefect server
+    variational serve                             # serve variational/{tiny,subset-1k,full-17k,full-17k-official}
     variational plan full-17k --gpus 8            # work, GPU-hours and wall time before launching
     variational export tiny --out out/tiny-train  # the train table as a Hub dataset folder (+ --push REPO_ID)
     variational show tiny 3                       # one question: its traces, weights, rollouts, train rows
@@ -359,7 +359,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _add_run(sub: Any) -> None:
     r = sub.add_parser("run", help="run the whole flow for a config (no server needed)")
-    r.add_argument("config", help="a YAML path or the name of one in configs/ (tiny, subset-1k, full-17k)")
+    r.add_argument(
+        "config",
+        help="a YAML path or the name of one in configs/ (tiny, subset-1k, full-17k, full-17k-official)",
+    )
     r.add_argument("--data-root", help="where tables and models go (default: the config's data_root)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. K=4")
     r.set_defaults(func=cmd_run)
@@ -379,7 +382,7 @@ def _add_plan(sub: Any) -> None:
 
 def _add_serve(sub: Any) -> None:
     s = sub.add_parser("serve", help="serve the deployments to a Prefect server (prefect server start)")
-    s.add_argument("names", nargs="*", default=["tiny", "subset-1k", "full-17k"])
+    s.add_argument("names", nargs="*", default=["tiny", "subset-1k", "full-17k", "full-17k-official"])
     s.add_argument(
         "--data-root", default=None, help="where every served run reads and writes (default: each config's)"
     )

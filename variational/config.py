@@ -98,10 +98,15 @@ class VerifyConfig(Strict):
     timeout_s: float = Field(5.0, gt=0)
     workers: int = Field(0, ge=0, description="0: one per CPU core")
     code_timeout_s: float = Field(10.0, gt=0, description="per test (the official checker: 4)")
+    code_problem_timeout_s: float = Field(
+        60.0, gt=0, description="all tests of one problem together, then wrong (the official checker: 11)"
+    )
     code_memory_mb: int = Field(1024, ge=64, description="address space of each program process")
     code_max_processes: int = Field(64, ge=4, description="processes + threads of one sandboxed program")
     code_official_quirks: bool = Field(
-        False, description="reproduce the official code verdicts: a crash, timeout or compile error passes"
+        False,
+        description="reproduce the official code verdicts: a crash, timeout or compile error passes "
+        "(`parity: official` implies it)",
     )
     sandbox: Literal[registry.CODE_SANDBOXES] = Field(
         "auto",
@@ -255,6 +260,11 @@ class RunConfig(Strict):
     data_root: str = "data"
     base_model: str = Field(description="HF id, local folder, or embedded:smollm2-135m")
     rounds: int = Field(1, ge=1, description="variational EM rounds T (paper: 1)")
+    parity: Literal[registry.PARITY_MODES] = Field(
+        "strict",
+        description="official: reproduce the official pipeline's semantics wherever ours differ (graders, "
+        "prompts, time limits, rollout seeds, ...; variational/parity.py lists each)",
+    )
     posterior_template: Literal[registry.POSTERIOR_TEMPLATES] = "PB"
     posterior_objective: Literal[registry.POSTERIOR_OBJECTIVES] = "hinted_sft"
     K: int = Field(8, ge=1, description="posterior traces per question")

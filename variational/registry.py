@@ -54,6 +54,7 @@ CODE_SANDBOXES = ("auto", "root", "userns", "none")
 # math graders of check_answers (variational/verifiers/answers.py): math-verify with our rules, or the
 # official harness's verdict (SkyThought math_equal, variational/verifiers/official_math.py)
 GRADERS = ("strict", "official")
+PARITY_MODES = ("strict", "official")  # variational/parity.py: the config's one switch `parity`
 DECONTAMINATE_MODES = ("off", "flag", "drop")  # tasks/decontaminate.py, flows/recipe.py
 # Benchmark sets shipped in full for decontamination (variational/data/decontamination.py REFERENCE_FILES)
 REFERENCE_SETS = (

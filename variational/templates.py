@@ -9,7 +9,7 @@ same `\n\n` the Bespoke rows use between sections.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 PosteriorTemplate = Literal["PA", "PB"]
 
@@ -89,6 +89,32 @@ def pi_response(think: str, solution: str) -> str:
     return f"{think}{END_THOUGHT}{SEP}{BEGIN_SOLUTION}{solution}{END_SOLUTION}"
 
 
+# The official evaluation frame (method.md §10; the fork's skythought/evals/models/model_configs.yaml), used
+# in `parity: official`. The trained models get the Sky-T1 system prompt as that YAML spells it: its escapes
+# leave '\\n\\n' (two backslashes) where the training prompt has '\n\n', and the assistant turn is
+# prefilled with `<begin_of_thought>` WITHOUT pipes (method.md §8.11), through the model's own chat template
+# (`continue_final_message`). The base model (Qwen/Qwen3-4B-Base there) gets `qwen_cot` and no prefill.
+OFFICIAL_EVAL_SYSTEM = PI_SYSTEM.replace("'\\n\\n'", "'\\\\n\\\\n'")
+OFFICIAL_EVAL_PREFILL = "<begin_of_thought>" + SEP
+QWEN_COT_SYSTEM = "You are a helpful and harmless assistant. You are Qwen developed by Alibaba. You should think step-by-step."
+
+
+def chat_template_prompt(tokenizer: Any, system: str, user: str, prefill: str | None) -> str:
+    """system + user through the tokenizer's own chat template (what vLLM's `LLM.chat` renders): with a
+    `prefill` the assistant turn is continued from it (`continue_final_message`), else the template's
+    generation prompt opens it. A tokenizer without a chat template raises ValueError naming the fix."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"{getattr(tokenizer, 'name_or_path', 'the model')} has no chat template: the official eval frame "
+            "applies the model's own; add one to its tokenizer_config.json or use parity: strict"
+        )
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    if prefill is None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    messages.append({"role": "assistant", "content": prefill})
+    return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+
+
 # User-message texts: Bespoke-Stratos rows (shared/data/SOURCES.md §10) and the evaluation harness
 # (SkyThought 0d190f1, skythought/evals/tasks/*.yaml) share them. The harness joins instruction and
 # question with one space; Bespoke's code rows have no space after the prefix.
@@ -108,8 +134,11 @@ CODE_CALL_PREFIX = (
 CHOICE_LETTERS = "ABCDEFGHIJKLMNOP"
 
 
-def math_question(problem: str) -> str:
-    """The harness's math prompt (MATH500, AIME, AMC, OlympiadBench), as Bespoke's numina rows start."""
+def math_question(problem: str, question_first: bool = False) -> str:
+    """The harness's math prompt (MATH500, AIME, AMC, OlympiadBench), as Bespoke's numina rows start.
+    `question_first`: the fork's AIME25 prompt, the question then the instruction without its final period."""
+    if question_first:
+        return f"{problem}\n{MATH_INSTRUCTION.removesuffix('.')}"
     return f"{MATH_INSTRUCTION} {problem}"
 
 
@@ -127,7 +156,8 @@ def gpqa_question(question: str, options: list[str]) -> str:
 
 def code_question(question: str, starter_code: str = "", call_based: bool = False) -> str:
     """A LiveCodeBench prompt: the harness's stdin / call prefix, the question, then the starter code
-    (the harness omits it; we keep it, as Bespoke's code rows do, so the function name is known)."""
+    (the harness omits it; strict mode keeps it, as Bespoke's code rows do, so the function name is known;
+    `parity: official` passes none)."""
     prefix = CODE_CALL_PREFIX if call_based else CODE_STDIN_PREFIX
     starter = f"\n{starter_code}" if starter_code else ""
     return f"{prefix} {question}{starter}"

@@ -185,3 +185,69 @@ def test_paper_table_averages_and_reference_columns() -> None:
     # one benchmark missing: its group average is not computed
     partial = ev.paper_table(summary.filter(pl.col("benchmark") != "aime25"))
     assert {r["benchmark"]: r["pi_theta"] for r in partial.iter_rows(named=True)}["Math avg"] is None
+
+
+# ---------------------------------------------------------------- both graders (issue 18)
+def both_ways(outcomes: dict[tuple[str, str, str], list[tuple[bool, bool]]]) -> pl.DataFrame:
+    """(model, benchmark, problem) -> per sample (ours, official)."""
+    rows = [
+        {
+            "model": m,
+            "benchmark": b,
+            "problem_id": p,
+            "sample": j,
+            "correct": ours,
+            "status": "ok" if ours else "wrong",
+            "correct_official": theirs,
+            "status_official": "ok" if theirs else "wrong",
+        }
+        for (m, b, p), samples in outcomes.items()
+        for j, (ours, theirs) in enumerate(samples)
+    ]
+    return pl.DataFrame(rows)
+
+
+def test_summarize_per_grader_and_unparsable_gold_is_wrong_officially() -> None:
+    df = both_ways(
+        {("base", "aime", "a"): [(True, False), (True, True)], ("base", "aime", "b"): [(False, False)] * 2}
+    )
+    unparsable = df.filter(pl.col("problem_id") == "b").with_columns(
+        problem_id=pl.lit("z"), status=pl.lit("gold_unparsable"), status_official=pl.lit("gold_unparsable")
+    )
+    s = ev.summarize(pl.concat([df, unparsable]))
+    assert s["grader"].to_list() == ["strict", "official"]
+    strict, official = s.row(0, named=True), s.row(1, named=True)
+    # strict: z is left out (n_skipped); official: z counts, as wrong, as the harness counts it
+    assert (strict["n_problems"], strict["n_skipped"], strict["avg_at_k"]) == (2, 2, pytest.approx(0.5))
+    assert (official["n_problems"], official["n_skipped"]) == (3, 0)
+    assert official["avg_at_k"] == pytest.approx((0.5 + 0 + 0) / 3)
+    assert official["pass@2"] == pytest.approx(1 / 3)
+
+
+def test_summary_markdown_puts_strict_and_official_side_by_side() -> None:
+    df = both_ways(
+        {
+            ("pi_theta", "aime", "a"): [(True, False), (True, True)],
+            ("base", "aime", "a"): [(False, False)] * 2,
+        }
+    )
+    md = ev.summary_markdown(ev.summarize(df))
+    assert md.splitlines()[0] == (
+        "| benchmark | n | metric | base strict | base official | pi_theta strict | pi_theta official |"
+    )
+    assert "| aime | 1 | avg@2 | 0.0 | 0.0 | 100.0 | 50.0 |" in md
+
+
+def test_paper_numbers_sit_next_to_the_official_columns() -> None:
+    rows = [
+        {"model": m, "benchmark": b, "grader": g, "n_problems": 1, "n_skipped": 0, "k": 1, "avg_at_k": v}
+        for b in benchmarks.MATH_AVG + benchmarks.OTHER_AVG
+        for m in ("base", "pi_theta")
+        for g, v in (("strict", 0.5), ("official", 0.25))
+    ]
+    table = ev.paper_table(pl.DataFrame(rows))
+    strict = ["base strict", "pi_theta strict"]
+    official = ["base official", "pi_theta official"]
+    assert table.columns == ["benchmark", *strict, *official, *benchmarks.PAPER_4B]
+    by = {r["benchmark"]: r for r in table.iter_rows(named=True)}
+    assert by["Math avg"]["pi_theta official"] == 25.0 and by["Math avg"]["pi_theta strict"] == 50.0

@@ -6,13 +6,14 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+import random
 import zlib
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from variational import templates
+from variational import parity, templates
 from variational.config import BenchmarkConfig
 from variational.data import benchmarks as bm
 
@@ -227,6 +228,9 @@ def test_lcb_rows_become_apps_input_output(tmp_path: Path) -> None:
         "inputs": [[[1, 2, 3], 2], ["ab", 3]],
         "outputs": [[[2, 4, 6]], ["ababab"]],
         "fn_name": "repeat",
+        # the raw texts, for the harness's own parser (the official column)
+        "raw_inputs": ["[1, 2, 3]\n2", '"ab"\n3'],
+        "raw_outputs": ["[2, 4, 6]", '"ababab"'],
     }
     assert stdin["user"] == f"{templates.CODE_STDIN_PREFIX} Read n and print 2n."
     assert call["user"].startswith(templates.CODE_CALL_PREFIX + " Return xs repeated")
@@ -287,3 +291,85 @@ def test_heldout_tiny_set_is_disjoint_from_the_training_set() -> None:
     assert all(len(g) == 1 and g[0].lstrip("-").isdigit() for g in heldout["gold"].to_list())
     tiny = bm.load_benchmark("m", BenchmarkConfig(path="embedded:mmlu_pro-tiny", grader="mmlu_pro"))
     assert tiny.height == 8
+
+
+# ---------------------------------------------------------------- parity official: the harness's prompts
+
+
+def test_aime25_is_asked_question_first_in_official_parity() -> None:
+    spec = BenchmarkConfig(path="embedded:aime25")
+    official = bm.load_benchmark("aime25", spec, parity.OFFICIAL_PROMPTS)
+    problem = official["problem"][0]
+    assert official["user"][0] == problem + "\nReturn your final response within \\boxed{}"  # the fork's form
+    assert (
+        bm.load_benchmark("aime25", spec)["user"][0]
+        == "Return your final response within \\boxed{}. " + problem
+    )
+    # only AIME25: the other math sets keep the instruction first in official parity too
+    aime24 = bm.load_benchmark("aime24", BenchmarkConfig(path="embedded:aime24"), parity.OFFICIAL_PROMPTS)
+    assert aime24["user"][0].startswith(templates.MATH_INSTRUCTION + " ")
+
+
+def test_gpqa_harness_order_is_one_seed_41_stream_in_file_order(tmp_path: Path) -> None:
+    rows = gpqa_rows()
+    spec = BenchmarkConfig(path=str(write_jsonl(tmp_path / "gpqa.jsonl", rows)), grader="gpqa")
+    df = bm.load_benchmark("gpqa", spec, parity.OFFICIAL_PROMPTS)
+    harness = random.Random(41)  # skythought evaluate: set_seed(41), then random.shuffle per problem
+    for row, r in zip(df.iter_rows(named=True), rows, strict=True):
+        shown = [
+            r["Correct Answer"],
+            r["Incorrect Answer 1"],
+            r["Incorrect Answer 2"],
+            r["Incorrect Answer 3"],
+        ]
+        harness.shuffle(shown)
+        assert row["user"].endswith("\n" + ", ".join(f"{c}) {o}" for c, o in zip("ABCD", shown, strict=True)))
+        assert row["gold"] == ["ABCD"[shown.index(r["Correct Answer"])]]
+    # one stream: a question's order depends on the rows before it (the per-question order does not)
+    rev = write_jsonl(tmp_path / "rev.jsonl", rows[::-1])
+    again = bm.load_benchmark("gpqa", BenchmarkConfig(path=str(rev), grader="gpqa"), parity.OFFICIAL_PROMPTS)
+    assert dict(zip(again["problem_id"], again["user"], strict=True)) != dict(
+        zip(df["problem_id"], df["user"], strict=True)
+    )
+
+
+def test_lcb_official_prompt_has_no_starter_code(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "lcb.jsonl", lcb_rows())
+    df = bm.load_benchmark("lcb", BenchmarkConfig(path=str(path), grader="code"), parity.OFFICIAL_PROMPTS)
+    assert df["user"][1] == f"{templates.CODE_CALL_PREFIX} Return xs repeated k times elementwise."
+    assert df["user"][0] == f"{templates.CODE_STDIN_PREFIX} Read n and print 2n."
+
+
+@pytest.mark.parametrize(
+    ("text", "gpqa", "ours"),
+    [
+        ("<|begin_of_solution|>\\boxed{B}<|end_of_solution|>", "B", "B"),
+        # the whole response upper-cased: the English "a" after the boxed answer is the letter A
+        ("<|begin_of_solution|>\\boxed{B}, a safe bet.<|end_of_solution|>", "A", "B"),
+        ("I first thought C.<|begin_of_solution|>It is D<|end_of_solution|>", "D", "D"),
+        ("Between (a) and (c), (c) wins.", "C", None),  # lower-case letters count only officially
+        ("no letter here", None, None),
+    ],
+)
+def test_official_gpqa_reader(text: str, gpqa: str | None, ours: str | None) -> None:
+    assert bm.official_choice(text, "gpqa") == gpqa
+    assert bm.extract_choice(text, bm.LETTERS["gpqa"]) == ours
+
+
+@pytest.mark.parametrize(
+    ("text", "mmlu", "ours"),
+    [
+        # "answer is (X)" anywhere wins over an earlier "Answer: X" line and over \boxed
+        ("Answer: C\nOn reflection the answer is (D).\n\\boxed{E}", "D", "E"),
+        ("the answer is (B)... no, the answer is (C)", "B", "C"),  # the FIRST "answer is"
+        ("the answer is Bxyz", "B", None),  # no word boundary after the letter
+        ("Answer: C\nAnswer: D", "C", "D"),  # the first "Answer: X" line
+        ("The Answer:F seems right", "F", "F"),
+        ("I pick G over H.", "H", "H"),  # else the last standalone A-J ("I" counts too)
+        ("\\boxed{G}. I am sure.", "I", "G"),  # never \boxed: the pronoun I is the last A-J
+        ("nothing", None, None),
+    ],
+)
+def test_official_mmlu_pro_reader(text: str, mmlu: str | None, ours: str | None) -> None:
+    assert bm.official_choice(text, "mmlu_pro") == mmlu
+    assert bm.extract_choice(text, bm.LETTERS["mmlu_pro"]) == ours

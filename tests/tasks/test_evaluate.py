@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -26,19 +27,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def test_grade_samples_routes_each_grader() -> None:
-    call_tests = json.dumps({"inputs": [[2], [5]], "outputs": [[4], [10]], "fn_name": "double"})
-    stdin_tests = json.dumps({"inputs": ["3\n"], "outputs": ["6\n"]})
-    rows = [
-        ("math", "<|begin_of_solution|>\\boxed{4}<|end_of_solution|>", ["4"], None),
-        ("math", "<|begin_of_solution|>\\boxed{5}<|end_of_solution|>", ["4"], None),
-        ("mmlu_pro", "<|begin_of_solution|>The answer is (H).<|end_of_solution|>", ["H"], None),
-        ("gpqa", "<|begin_of_solution|>\\boxed{B}<|end_of_solution|>", ["C"], None),
-        ("gpqa", "no letter here", ["C"], None),
-        ("code", "```python\ndef double(x):\n    return 2 * x\n```", [], call_tests),
-        ("code", "```python\nprint(int(input()) * 3)\n```", [], stdin_tests),
-    ]
-    samples = pl.DataFrame(
+def sample_frame(rows: list[tuple]) -> pl.DataFrame:
+    """(grader, text, gold, tests) rows -> the samples grade_samples reads."""
+    return pl.DataFrame(
         {
             "model": ["base"] * len(rows),
             "benchmark": [g for g, *_ in rows],
@@ -51,13 +42,83 @@ def test_grade_samples_routes_each_grader() -> None:
         },
         schema_overrides={"gold": pl.List(pl.String), "tests": pl.String},
     )
+
+
+# the official math grader is issue 18's other half (variational/verifiers/official_math.py, branch
+# issue-18-math): tests that grade math rows both ways run once it is merged
+OFFICIAL_MATH = importlib.util.find_spec("variational.verifiers.official_math") is not None
+needs_official_math = pytest.mark.skipif(
+    not OFFICIAL_MATH, reason="the official math grader is not merged yet"
+)
+
+
+def test_grade_samples_grades_every_sample_both_ways() -> None:
+    """Each grader of both columns: ours (extract_choice, APPS rules) and the harness's (its letter readers,
+    the LiveCodeBench rules). The rows are where the two disagree, and where they agree."""
+    lcb_call = json.dumps(
+        {
+            "inputs": [[2], [5]],
+            "outputs": [[4], [10]],
+            "fn_name": "double",
+            "raw_inputs": ["2", "5"],
+            "raw_outputs": ["4", "10"],
+        }
+    )
+    stdin_tests = json.dumps({"inputs": ["3\n"], "outputs": ["6\n"]})
+    rows = [
+        ("mmlu_pro", "<|begin_of_solution|>The answer is (H).<|end_of_solution|>", ["H"], None),
+        ("mmlu_pro", "The answer is (C). On reflection \\boxed{H}", ["H"], None),  # official: C
+        ("gpqa", "<|begin_of_solution|>\\boxed{B}<|end_of_solution|>", ["C"], None),
+        ("gpqa", "<|begin_of_solution|>\\boxed{C}, a sure thing<|end_of_solution|>", ["C"], None),  # "a"
+        ("gpqa", "no letter here", ["C"], None),
+        ("code", "```python\ndef double(x):\n    return 2 * x\n```", [], lcb_call),
+        (
+            "code",
+            "```python\nclass Solution:\n    def double(self, x):\n        return 2 * x\n```",
+            [],
+            lcb_call,
+        ),
+        ("code", "```python\nprint(int(input()) * 2, end=' ')\n```", [], stdin_tests),
+        ("code", "```python\nprint(int(input()) * 3)\n```", [], stdin_tests),
+    ]
+    samples = sample_frame(rows)
     out = ev.grade_samples(samples, VerifyConfig(workers=1, code_timeout_s=5))
     assert out["problem_id"].to_list() == samples["problem_id"].to_list()  # input order kept
-    assert out["correct"].to_list() == [True, False, True, False, False, True, False]
-    assert out["status"].to_list()[:5] == ["ok", "wrong", "ok", "wrong", "no_answer"]
-    assert out["extracted"].to_list()[2:5] == ["H", "B", None]
+    assert out["correct"].to_list() == [True, True, False, True, False, True, True, True, False]
+    assert out["correct_official"].to_list() == [True, False, False, False, False, True, False, True, False]
+    assert out["status"].to_list()[:5] == ["ok", "ok", "wrong", "ok", "no_answer"]
+    assert out["extracted_official"].to_list()[:5] == ["H", "C", "B", "A", None]
+    assert out["status_official"].to_list()[5:] == ["ok", "compile_error", "ok", "wrong"]
     with pytest.raises(ValueError, match="unknown graders \\['essay'\\]"):
         ev.grade_samples(samples.with_columns(grader=pl.lit("essay")), VerifyConfig())
+
+
+@needs_official_math
+def test_grade_samples_grades_math_both_ways() -> None:
+    rows = [
+        ("math", "<|begin_of_solution|>\\boxed{4}<|end_of_solution|>", ["4"], None),
+        ("math", "<|begin_of_solution|>\\boxed{5}<|end_of_solution|>", ["4"], None),
+        ("math", "<|begin_of_solution|>\\boxed{0.5}<|end_of_solution|>", ["50"], None),  # percentages
+    ]
+    out = ev.grade_samples(sample_frame(rows), VerifyConfig(workers=1))
+    assert out["correct"].to_list() == [True, False, False]
+    assert out["correct_official"].to_list() == [True, False, True]
+
+
+def test_frame_prompts_per_parity_and_model(embedded_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
+    requests = pl.DataFrame({"user": ["What is 1+1?"], "prompt": ["x"]})
+    strict = ev.frame_prompts(requests, "pi_template", "pi_theta")
+    assert strict["prompt"][0] == templates.pi_prompt("What is 1+1?")  # every model, pipes in the prefill
+    trained = ev.frame_prompts(requests, "chat_template", "pi_theta", tok)["prompt"][0]
+    assert trained.startswith(f"<|im_start|>system\n{templates.OFFICIAL_EVAL_SYSTEM}<|im_end|>")
+    assert trained.endswith("<|im_start|>assistant\n<begin_of_thought>\n\n")
+    base = ev.frame_prompts(requests, "chat_template", "base", tok)["prompt"][0]
+    assert templates.QWEN_COT_SYSTEM in base and base.endswith("<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="unknown eval prompt frame"):
+        ev.frame_prompts(requests, "raw", "base", tok)
 
 
 def test_eval_engine_config_takes_the_eval_dtype() -> None:
@@ -83,7 +144,9 @@ def test_build_eval_requests() -> None:
         "b": problems_frame(["1"], ["P3"], [["C"]]),
     }
     req = ev.build_eval_requests(frames, cfg)
-    assert req.columns == ["request_idx", "benchmark", "problem_id", "prompt", "grader", "gold", "tests", "k"]
+    assert req.columns == [
+        "request_idx", "benchmark", "problem_id", "user", "prompt", "grader", "gold", "tests", "k",
+    ]  # fmt: skip
     assert req["request_idx"].to_list() == [0, 1, 2]
     assert req["k"].to_list() == [4, 4, 1] and req["grader"].to_list() == ["math", "math", "gpqa"]
     assert req["prompt"][2] == templates.pi_prompt("P3")
@@ -111,6 +174,15 @@ def test_score_eval_joins_verdicts_and_requires_all() -> None:
     assert out["sample"].to_list() == [0, 1] and out["correct"].to_list() == [False, True]
     with pytest.raises(ValueError, match="1 samples have no verdict"):
         ev.score_eval(samples, verdicts.head(1))
+    both = verdicts.with_columns(
+        extracted_official=pl.Series(["2", None]),
+        correct_official=pl.Series([True, None]),
+        status_official=pl.Series(["ok", None]),
+    )
+    with pytest.raises(ValueError, match="1 samples have no verdict"):  # each grader's verdict is required
+        ev.score_eval(samples, both)
+    out = ev.score_eval(samples, both.with_columns(pl.col("status_official").fill_null("no_answer")))
+    assert out.columns[-3:] == ["extracted_official", "correct_official", "status_official"]
 
 
 class RecordingSampler:
@@ -152,6 +224,7 @@ def test_generate_samples_groups_by_k_and_seeds_per_request() -> None:
 
 
 @pytest.mark.slow
+@needs_official_math
 def test_evaluate_task_end_to_end(tmp_path: Path, tiny_model_dir: Path) -> None:
     """The real stage: engine samples k per problem, math-verify checks, one shard per model, resume."""
     bench = write_jsonl(
@@ -190,8 +263,10 @@ def test_evaluate_task_end_to_end(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert "| toy | 2 | avg@2 |" in manifest["summary"]
     table = pl.read_parquet(root / manifest["path"] / "part-00000.parquet")
     assert set(table["model"]) == {"base"} and table.columns[:4] == ev.KEY
-    assert set(table["status"]) <= {"ok", "wrong", "no_answer", "timeout", "error", "gold_unparsable"}
+    for status in ("status", "status_official"):  # every sample graded both ways
+        assert set(table[status]) <= {"ok", "wrong", "no_answer", "timeout", "error", "gold_unparsable"}
     summary = pl.read_parquet(root / manifest["path"] / "summary.parquet")
-    assert summary.height == 2 and set(summary["k"]) == {2}
+    assert summary.height == 2 * 2 and set(summary["k"]) == {2}  # 2 models x 2 graders
+    assert set(summary["grader"]) == {"strict", "official"}
     # a finished stage is reused, not recomputed
     assert run_stage(ev.EVAL, cfg, up) == manifest

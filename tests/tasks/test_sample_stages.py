@@ -111,6 +111,35 @@ def test_rollout_requests_only_well_formed_traces() -> None:
         rollouts_mod.rollout_requests(PROBLEMS, SAMPLES.with_columns(prompt_idx=pl.lit(9, pl.Int64)))
 
 
+def test_official_parity_rolls_out_unclosed_traces_too() -> None:
+    """Officially every trace gets rollouts: one that never closed its thought after its whole response +
+    `<|end_of` (sample_from_initial_reasoning_model.py); strict skips it (no answer position)."""
+    req = rollouts_mod.rollout_requests(PROBLEMS, SAMPLES, unclosed=True)
+    assert req.select("prompt_idx", "sample_idx").rows() == [(3, 0), (3, 1), (7, 0)]
+    assert req["prompt"][1] == templates.rollout_prompt("What is 2+3?", "no tag")  # "no tag" + "<|end_of"
+
+
+def test_official_rollout_seeds_are_shared_by_the_copies_and_the_split(tiny_model_dir: Path) -> None:
+    """Official: the M rollouts of a trace are M requests with ONE seed, the same for every question of
+    sample index k (split k), so they come out identical; ours: n=M, M independent answers. The real
+    transformers engine on the tiny model (vLLM n=M with one seed seeds child j with seed + j: not the same,
+    which is why the official copies are sent as separate requests)."""
+    from variational.engines.sampling import Sampler
+
+    req = rollouts_mod.rollout_requests(PROBLEMS, SAMPLES, unclosed=True)
+    sp = SamplingConfig(temperature=1.0, max_tokens=6, seed=5)
+    shared = rollouts_mod.request_seeds(req, sp, shared=True)
+    # one seed per sample index k, whatever the question: (3, 0) and (7, 0) share it, (3, 1) has its own
+    assert shared == [shared[0], shared[1], shared[0]] and shared[0] != shared[1]
+    assert len(set(rollouts_mod.request_seeds(req, sp))) == 3  # ours: one per trace
+    with Sampler(tiny_model_dir, EngineConfig(backend="transformers")) as sampler:
+        official = rollouts_mod.generate_rollouts(sampler, req["prompt"].to_list(), shared, 3, sp, True)
+        ours = rollouts_mod.generate_rollouts(sampler, req["prompt"].to_list(), shared, 3, sp, False)
+    assert [len(c) for c in official] == [3, 3, 3]
+    assert all(len({c.text for c in comps}) == 1 for comps in official), "the M copies must be identical"
+    assert all(len({c.text for c in comps}) == 3 for comps in ours), "n=M samples must differ"
+
+
 def test_parse_rollouts_keys() -> None:
     req = rollouts_mod.rollout_requests(PROBLEMS, SAMPLES)
     comps = [[Completion("_thought|>a", 3, "stop"), Completion("zz", 4, "length")]] * 2
@@ -160,6 +189,7 @@ def test_fingerprints_track_what_changes_outputs() -> None:
         fp(rollouts_mod.ROLLOUTS, _cfg(Path("d"), rollout_sampling=SamplingConfig(top_p=0.9)), rup) != rbase
     )
     assert fp(rollouts_mod.ROLLOUTS, _cfg(Path("d"), K=2), rup) == rbase
+    assert fp(rollouts_mod.ROLLOUTS, _cfg(Path("d"), parity="official"), rup) != rbase
 
 
 def _write_stage(data_root: Path, stage: str, df: pl.DataFrame) -> dict:

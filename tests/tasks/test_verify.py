@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import polars as pl
 import pytest
 from conftest import finished_stage
 
-from tasks.verify import PRIOR_VERDICTS, VERDICTS, verdict_summary, verify
+from tasks.verify import PRIOR_VERDICTS, VERDICTS, official_golds, verdict_summary, verify
 from variational import templates
 from variational.config import RunConfig, VerifyConfig
 from variational.pipeline.fingerprint import stage_fingerprint
@@ -138,3 +139,65 @@ def test_verify_prior_task_reads_responses(tmp_path: Path) -> None:
     manifest = run_stage(PRIOR_VERDICTS, cfg, upstream, 2)
     out = pl.read_parquet(tmp_path / manifest["path"] / "part-*.parquet")
     assert out.select("sample_idx", "round", "correct").rows() == [(0, 2, True), (1, 2, False)]
+
+
+# ---------------------------------------------------------------- parity official (variational/parity.py)
+OFFICIAL_MATH = importlib.util.find_spec("variational.verifiers.official_math") is not None
+
+
+def _verdicts(tmp_path: Path, parity: str, problems: pl.DataFrame, texts: list[str]) -> pl.DataFrame:
+    cfg = RunConfig(name="t", base_model="m", data_root=str(tmp_path), parity=parity).model_dump()
+    cfg["verify"]["workers"] = 1
+    rollouts = pl.DataFrame(
+        {"prompt_idx": [0] * len(texts), "sample_idx": list(range(len(texts))), "text": texts}
+    )
+    upstream = {
+        name: finished_stage(tmp_path, "t", name, df)
+        for name, df in (("problems", problems), ("rollouts", rollouts))
+    }
+    manifest = run_stage(VERDICTS, cfg, upstream)
+    return pl.read_parquet(tmp_path / manifest["path"] / "part-*.parquet")
+
+
+def test_official_parity_judges_code_by_the_official_verdict_rule(tmp_path: Path) -> None:
+    """The stage asks parity.verify_rules: officially a crashing program passes (np.all over -1)."""
+    problems = pl.DataFrame(
+        {
+            "prompt_idx": [0],
+            "kind": ["code"],
+            "gold": [[]],
+            "tests": ['{"inputs": ["2\\n"], "outputs": ["4\\n"]}'],
+        }
+    )
+    texts = [fenced("raise ValueError('boom')"), fenced("print(int(input()) * 2)"), fenced("print(5)")]
+    strict = _verdicts(tmp_path / "strict", "strict", problems, texts)
+    official = _verdicts(tmp_path / "official", "official", problems, texts)
+    assert strict["correct"].to_list() == [False, True, False]
+    assert official["correct"].to_list() == [True, True, False]
+    assert official["status"].to_list() == ["runtime_error", "ok", "wrong"]
+
+
+@pytest.mark.skipif(not OFFICIAL_MATH, reason="the official math grader (issue-18-math) is not merged yet")
+def test_official_parity_judges_math_by_the_official_grader(tmp_path: Path) -> None:
+    """\\boxed{0.5} against gold 50: correct for SkyThought's math_equal (percentages), wrong for ours."""
+    problems = pl.DataFrame({"prompt_idx": [0], "kind": ["math"], "gold": [["50"]]})
+    texts = ["so \\boxed{0.5}", "so \\boxed{50}", "so \\boxed{7}"]
+    assert _verdicts(tmp_path / "s", "strict", problems, texts)["correct"].to_list() == [False, True, False]
+    assert _verdicts(tmp_path / "o", "official", problems, texts)["correct"].to_list() == [True, True, False]
+
+
+def test_official_golds_are_whole_solutions() -> None:
+    """verify_parallel.py reads the source's ground-truth solution and the reference solution with
+    extract_answer: our extracted answer is re-boxed (it reads back the same), the reference goes in whole
+    (its fallbacks then apply: a reference without \\boxed still gives its last number)."""
+    problems = pl.DataFrame(
+        {"gold": [["\\frac{1}{2}", "0.5"], []], "solution_ref": ["so \\boxed{0.5}", "hence the total is 12."]}
+    )
+    assert official_golds(problems).to_list() == [
+        ["\\boxed{\\frac{1}{2}}", "\\boxed{0.5}", "so \\boxed{0.5}"],
+        ["hence the total is 12."],
+    ]
+    assert official_golds(problems.drop("solution_ref")).to_list() == [
+        ["\\boxed{\\frac{1}{2}}", "\\boxed{0.5}"],
+        [],
+    ]

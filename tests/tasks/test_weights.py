@@ -455,3 +455,24 @@ def test_weights_task_writes_and_reuses(stage_inputs, tmp_path: Path):
     assert run_stage(WEIGHTS, cfg, upstream) == manifest  # reused, not recomputed
     cfg["weights"]["estimator"] = "gml"
     assert run_stage(WEIGHTS, cfg, upstream)["fingerprint"] != manifest["fingerprint"]
+
+
+def test_official_think_cap_is_on_the_scored_length(stage_inputs):
+    """Officially the 28k cap compares min(len lp, len lq) of the SCORED think, after the 32k context cut
+    (build_data_*.py `shared_think_len`); strict compares the whole think. A 3-token cap here: sample (0, 0)
+    thinks 3 tokens (over it), but q_φ scored only 2 of them (its context was full): eligible officially."""
+    s = stage_inputs
+    cfg = WeightsConfig(max_think_tokens=3, estimator="gml")
+    strict = weights(s["posterior_samples"], s["logps"], s["verdicts"], s["problems"], cfg)
+    official = weights(
+        s["posterior_samples"], s["logps"], s["verdicts"], s["problems"], cfg, cap_on_scored=True
+    )
+    key = ["prompt_idx", "sample_idx"]
+    assert strict.sort(key)["think_len"].to_list() == [3, 2, 2]
+    assert official.sort(key)["think_len"].to_list() == [2, 2, 2]  # min(3 scored by π_θ0, 2 by q_φ)
+    assert strict.sort(key)["eligible"].to_list() == [False, True, True]
+    assert official.sort(key)["eligible"].to_list() == [True, True, True]
+    # a trace one model did not score has no scored length: not eligible
+    no_q = s["logps"].filter(~((pl.col("prompt_idx") == 1) & (pl.col("model") == "q_phi")))
+    out = weights(s["posterior_samples"], no_q, s["verdicts"], s["problems"], cfg, cap_on_scored=True)
+    assert out.filter(pl.col("prompt_idx") == 1)["eligible"].to_list() == [False]

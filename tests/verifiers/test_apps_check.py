@@ -12,6 +12,8 @@ import polars as pl
 import pytest
 
 from tasks.verify import check_code
+from variational.data import benchmarks
+from variational.verifiers import apps_check
 from variational.verifiers.apps_check import (
     call_output_matches,
     judge,
@@ -264,3 +266,101 @@ def test_check_code_frame() -> None:
     assert out["status"].to_list() == ["ok", "wrong", "ok", "gold_unparsable"]
     assert out["correct"].to_list() == [True, False, True, False]
     assert out["extracted"][0].startswith("print(sum(")
+
+
+# ---------------------------------------------------------------- time limits per problem
+SLEEPY = "import time\ntime.sleep(0.6)\nprint(sum(map(int, input().split())))"
+ADD4 = json.dumps({"inputs": ["1 2\n"] * 4, "outputs": ["3\n"] * 4})
+
+
+def test_problem_cap_ends_a_program_slow_on_every_test() -> None:
+    """verify.code_problem_timeout_s: 4 tests of 0.6 s pass alone (1 s each), not within 1.5 s together."""
+    alone = judge(fenced(SLEEPY), ADD4, timeout_s=1.0, memory_mb=512)
+    capped = judge(fenced(SLEEPY), ADD4, timeout_s=1.0, memory_mb=512, problem_timeout_s=1.5)
+    assert (alone.status, alone.correct) == ("ok", True), alone.detail
+    assert (capped.status, capped.correct) == ("timeout", False), capped.detail
+
+
+def test_official_limits_fail_a_program_that_hangs_on_every_test() -> None:
+    """Officially each hanging test is -1 (truthy under np.all) but the problem's process is killed at 11 s:
+    wrong. Scaled down: 0.5 s per test, 1.2 s per problem, 3 tests. Without the cap it passed."""
+    hang, tests = "while True:\n    pass", json.dumps({"inputs": ["1\n"] * 3, "outputs": ["1\n"] * 3})
+    uncapped = judge(fenced(hang), tests, timeout_s=0.5, memory_mb=512, official_quirks=True)
+    capped = judge(fenced(hang), tests, timeout_s=0.5, official_quirks=True, problem_timeout_s=1.2)
+    assert (uncapped.status, uncapped.correct) == ("timeout", True), uncapped.detail
+    assert (capped.status, capped.correct) == ("timeout", False), capped.detail
+
+
+def test_each_test_gets_its_own_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wait for a test's result restarts after each test: a correct program whose tests together take
+    longer than the first deadline (startup + one test) is judged on all of them (it was cut off, wrong)."""
+    monkeypatch.setattr(apps_check, "STARTUP_S", 3.0)
+    tests = json.dumps({"inputs": ["1 2\n"] * 8, "outputs": ["3\n"] * 8})  # 8 x 0.6 s > 3 s + 1 s
+    v = judge(fenced(SLEEPY), tests, timeout_s=1.0, memory_mb=512)
+    assert (v.status, v.correct) == ("ok", True), v.detail
+
+
+# ---------------------------------------------------------------- LiveCodeBench, as its harness judges
+def lcb_call(fn_name: str, raw: list[tuple[str, str]]) -> str:
+    """A functional LiveCodeBench row as variational/data/benchmarks.lcb_input_output writes it."""
+    tests = [{"input": i, "output": o, "testtype": "functional"} for i, o in raw]
+    return benchmarks.lcb_input_output(tests, fn_name)
+
+
+@pytest.mark.parametrize(
+    ("code", "expected", "apps", "lcb"),
+    [
+        ("print(3)", "3\n", "ok", "ok"),
+        ("print('2 1')", "1 2\n", "ok", "wrong"),  # APPS: per-line word sets; LCB: the whole text
+        ("print(0.5000001)", "0.5\n", "ok", "wrong"),  # APPS: float tolerance; LCB: exact
+        ("print(1)\nprint()\nprint(2)", "1\n2\n", "ok", "wrong"),  # APPS drops blank lines
+        ("print(3)", "3 -\n", "wrong", "ok"),  # LCB drops a trailing "-" from the expected output
+    ],
+)
+def test_lcb_stdin_is_the_whole_output_stripped(code: str, expected: str, apps: str, lcb: str) -> None:
+    tests = json.dumps({"inputs": ["\n"], "outputs": [expected]})
+    ours = judge(fenced(code), tests, timeout_s=2.0, memory_mb=512)
+    theirs = judge(fenced(code), tests, memory_mb=512, comparison="lcb")
+    assert (ours.status, ours.correct) == (apps, apps == "ok"), ours.detail
+    assert (theirs.status, theirs.correct) == (lcb, lcb == "ok"), theirs.detail
+
+
+@pytest.mark.parametrize(
+    ("code", "apps", "lcb"),
+    [
+        ("def total(xs, k):\n    return sum(xs) * k", "ok", "ok"),
+        # a class Solution answer (the starter code's form): the harness calls `total` in the module
+        ("class Solution:\n    def total(self, xs, k):\n        return sum(xs) * k", "ok", "compile_error"),
+        # the harness calls whatever function comes first: a helper defined above is called instead
+        (
+            "def helper(xs):\n    return sum(xs)\ndef total(xs, k):\n    return helper(xs) * k",
+            "ok",
+            "runtime_error",
+        ),
+        # another name: our verifier wants func_name, the harness takes the first def
+        ("def solve(xs, k):\n    return sum(xs) * k", "compile_error", "ok"),
+        # no import prelude in the harness: List is undefined where the def is executed
+        ("def total(xs: List[int], k: int) -> int:\n    return sum(xs) * k", "ok", "compile_error"),
+        # the harness's `==` on the raw value: APPS also takes a list wrapping the answer, or a tuple of it
+        ("def total(xs, k):\n    return [sum(xs) * k]", "ok", "wrong"),
+        ("def total(xs, k):\n    return (sum(xs) * k,)", "ok", "wrong"),
+        ("def total(xs, k):\n    return sum(xs)", "wrong", "wrong"),
+    ],
+)
+def test_lcb_functional_call_rules(code: str, apps: str, lcb: str) -> None:
+    tests = lcb_call("total", [("[1, 2]\n2", "6"), ("[3]\n1", "3")])
+    ours = judge(fenced(code), tests, timeout_s=2.0, memory_mb=512)
+    theirs = judge(fenced(code), tests, memory_mb=512, comparison="lcb")
+    assert (ours.status, ours.correct) == (apps, apps == "ok"), ours.detail
+    assert (theirs.status, theirs.correct) == (lcb, lcb == "ok"), theirs.detail
+
+
+def test_lcb_needs_the_raw_tests_and_ignores_quirks() -> None:
+    apps_call = json.dumps(CALL)  # an APPS call row: no raw LiveCodeBench texts to parse
+    assert (
+        judge(fenced("def kth(a, k):\n    return 9"), apps_call, comparison="lcb").status == "gold_unparsable"
+    )
+    crash = judge(fenced("raise ValueError"), ADD, official_quirks=True, comparison="lcb")
+    assert (crash.status, crash.correct) == ("runtime_error", False)
+    with pytest.raises(ValueError, match="unknown comparison"):
+        judge(fenced("print(1)"), ADD, comparison="exact")

@@ -1,11 +1,15 @@
 """Evaluation metrics and summary tables: the `eval` rows -> avg@k (with a 95% interval), pass@k, markdown.
 
-In:  eval rows (model, benchmark, problem_id, sample, correct[, status]).
-Out: `summarize` -> one row per model x benchmark; `summary_markdown` -> the models side by side, then the
-     paper's table (`paper_table`: Math avg / Other avg beside its Qwen3-4B-Base numbers, method.md §7).
-Used by the eval stage (tasks/evaluate.py) and the run report (variational/analysis/report.py).
+In:  eval rows (model, benchmark, problem_id, sample, correct[, status][, correct_official,
+     status_official]): each sample graded by our grader and, since issue 18, by the official harness's.
+Out: `summarize` -> one row per model x benchmark x grader ("strict", "official"); `summary_markdown` ->
+     the models side by side, strict and official columns next to each other, then the paper's table
+     (`paper_table`: Math avg / Other avg, the paper's Qwen3-4B-Base numbers next to the official columns,
+     method.md §7). Used by the eval stage (tasks/evaluate.py) and the run report (analysis/report.py).
 Metrics (method.md §6): Avg@k = mean accuracy over all k samples of a problem, averaged over problems;
-Pass@k = the unbiased estimator of Chen et al. 2021 on the same samples.
+Pass@k = the unbiased estimator of Chen et al. 2021 on the same samples. A problem whose gold does not
+parse is left out of the strict metrics (n_skipped) and counted wrong in the official ones, as the harness
+counts it (method.md §10).
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ import polars as pl
 from variational.data import benchmarks
 
 MODELS = ("base", "pi_theta0", "pi_theta")
+# the verdict columns of the `eval` table per grader (registry.GRADERS): extracted, correct, status
+VERDICT_COLUMNS = {
+    "strict": ("extracted", "correct", "status"),
+    "official": ("extracted_official", "correct_official", "status_official"),
+}
+SKIPS_UNPARSABLE_GOLD = {"strict": True, "official": False}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -51,29 +61,57 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
+def graded_rows(eval_rows: pl.DataFrame) -> pl.DataFrame:
+    """eval rows -> long form: model, benchmark, grader, problem_id, sample, correct, skip (a strict row whose
+    gold did not parse: left out; the official harness counts it wrong). Graders whose columns the table
+    lacks (an eval table made before issue 18 has no official columns) are absent."""
+    parts = []
+    for grader, (_, correct, status) in VERDICT_COLUMNS.items():
+        if correct not in eval_rows.columns:
+            continue
+        unparsable = pl.col(status) == "gold_unparsable" if status in eval_rows.columns else pl.lit(False)
+        skip = unparsable if SKIPS_UNPARSABLE_GOLD[grader] else pl.lit(False)
+        parts.append(
+            eval_rows.select(
+                "model",
+                "benchmark",
+                pl.lit(grader).alias("grader"),
+                "problem_id",
+                "sample",
+                pl.col(correct).cast(pl.Boolean).fill_null(False).alias("correct"),
+                skip.fill_null(False).alias("skip"),
+            )
+        )
+    if not parts:
+        raise ValueError(f"eval rows have no verdict column; expected one of {list(VERDICT_COLUMNS)}")
+    return pl.concat(parts)
+
+
 def summarize(eval_rows: pl.DataFrame, ks: list[int] | None = None) -> pl.DataFrame:
-    """Per (model, benchmark): n_problems, k, avg_at_k, its 95% bootstrap interval over problems
+    """Per (model, benchmark, grader): n_problems, k, avg_at_k, its 95% bootstrap interval over problems
     (avg_ci_low, avg_ci_high), pass@1, pass@2, ... (wide, fractions in [0, 1]).
 
     k = samples per problem (the smallest count when problems differ); `ks` default: the powers of two
-    <= k of each benchmark; a pass@j column is null for a benchmark with k < j. Rows whose status is
-    `gold_unparsable` are skipped (their samples counted in n_skipped): a gold that does not parse says nothing about the
-    model (open-r1 does the same). Input columns: model, benchmark, problem_id, sample, correct[, status]."""
-    skip = pl.col("status") == "gold_unparsable" if "status" in eval_rows.columns else pl.lit(False)
+    <= k of each benchmark; a pass@j column is null for a benchmark with k < j. Strict rows whose status is
+    `gold_unparsable` are skipped (their samples counted in n_skipped): a gold that does not parse says
+    nothing about the model (open-r1 does the same); the official grader counts them wrong, as the harness
+    does. Input columns: model, benchmark, problem_id, sample, correct[, status][, correct_official,
+    status_official]."""
     per_problem = (
-        eval_rows.with_columns(skip=skip)
-        .group_by("model", "benchmark", "problem_id")
+        graded_rows(eval_rows)
+        .group_by("model", "benchmark", "grader", "problem_id")
         .agg(
             n=(~pl.col("skip")).sum().cast(pl.Int64),
-            c=(pl.col("correct").fill_null(False) & ~pl.col("skip")).sum().cast(pl.Int64),
+            c=(pl.col("correct") & ~pl.col("skip")).sum().cast(pl.Int64),
             n_skipped=pl.col("skip").sum().cast(pl.Int64),
         )
     )
+    order = {g: i for i, g in enumerate(VERDICT_COLUMNS)}
     out: list[dict[str, Any]] = []
     all_ks: set[int] = set()
-    for (model, bench), grp in per_problem.sort("model", "benchmark", "problem_id").group_by(
-        "model", "benchmark", maintain_order=True
-    ):
+    for (model, bench, grader), grp in per_problem.sort(
+        "model", "benchmark", pl.col("grader").replace_strict(order), "problem_id"
+    ).group_by("model", "benchmark", "grader", maintain_order=True):
         scored = grp.filter(pl.col("n") > 0)
         k = int(scored["n"].min()) if scored.height else 0
         accuracy = (scored["c"] / scored["n"]).to_list()
@@ -81,6 +119,7 @@ def summarize(eval_rows: pl.DataFrame, ks: list[int] | None = None) -> pl.DataFr
         row: dict[str, Any] = {
             "model": model,
             "benchmark": bench,
+            "grader": grader,
             "n_problems": scored.height,
             "n_skipped": int(grp["n_skipped"].sum()),
             "k": k,
@@ -97,6 +136,7 @@ def summarize(eval_rows: pl.DataFrame, ks: list[int] | None = None) -> pl.DataFr
     schema: dict[str, Any] = {
         "model": pl.String,
         "benchmark": pl.String,
+        "grader": pl.String,
         "n_problems": pl.Int64,
         "n_skipped": pl.Int64,
         "k": pl.Int64,
@@ -117,21 +157,31 @@ def _percent(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.1f}"
 
 
+def _graders(summary: pl.DataFrame) -> list[str]:
+    present = set(summary["grader"].to_list()) if "grader" in summary.columns else {"strict"}
+    return [g for g in VERDICT_COLUMNS if g in present]
+
+
 def summary_markdown(summary: pl.DataFrame, models: list[str] | None = None) -> str:
-    """One row per benchmark x metric, one column per model (base | pi_theta0 | pi_theta), in percent;
-    under avg@k its 95% interval; then the paper's table when the run has any of its benchmarks."""
+    """One row per benchmark x metric, per model a strict and an official column side by side (base |
+    pi_theta0 | pi_theta), in percent; under avg@k its 95% interval; then the paper's table when the run
+    has any of its benchmarks."""
     if summary.is_empty():
         return "_no eval rows_\n"
-    cols = _model_columns(summary, models)
+    if "grader" not in summary.columns:
+        summary = summary.with_columns(grader=pl.lit("strict"))
+    cols, graders = _model_columns(summary, models), _graders(summary)
+    pairs = [(m, g) for m in cols for g in graders]
+    heads = [m if len(graders) == 1 else f"{m} {g}" for m, g in pairs]
     metrics = ["avg_at_k", "ci"] + [c for c in summary.columns if c.startswith("pass@")]
-    lines = ["| benchmark | n | metric | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    lines = ["| benchmark | n | metric | " + " | ".join(heads) + " |", "|---|---|---|" + "---|" * len(heads)]
     for bench in summary["benchmark"].unique(maintain_order=True).to_list():
         sub = summary.filter(pl.col("benchmark") == bench)
-        by_model = {r["model"]: r for r in sub.iter_rows(named=True)}
+        by_pair = {(r["model"], r["grader"]): r for r in sub.iter_rows(named=True)}
         n = int(sub["n_problems"].max())
         k = int(sub["k"].max())
         for metric in metrics:
-            rows = [by_model.get(m, {}) for m in cols]
+            rows = [by_pair.get(pair, {}) for pair in pairs]
             if metric == "ci":
                 name = "95% CI"
                 vals = [r.get("avg_ci_low") for r in rows]
@@ -150,7 +200,9 @@ def summary_markdown(summary: pl.DataFrame, models: list[str] | None = None) -> 
             lines.append(f"| {bench} | {n} | {name} | {' | '.join(cells)} |")
     text = "\n".join(lines) + (
         "\n\nValues in %. avg@k = mean accuracy over the k samples per problem; 95% CI = percentile "
-        "bootstrap over problems (2000 resamples, seed 0).\n"
+        "bootstrap over problems (2000 resamples, seed 0). strict = our graders, official = the official "
+        "harness's rules on the same samples (a gold that does not parse: skipped in strict, wrong in "
+        "official).\n"
     )
     paper = paper_table_markdown(summary, cols)
     return text + (f"\n{paper}" if paper else "")
@@ -158,13 +210,21 @@ def summary_markdown(summary: pl.DataFrame, models: list[str] | None = None) -> 
 
 def paper_table(summary: pl.DataFrame, models: list[str] | None = None) -> pl.DataFrame:
     """The paper's table (method.md §7): the ten benchmarks, "Math avg" after the five math ones and
-    "Other avg" after the rest, one column per model of the run (avg@k, %) and the paper's Qwen3-4B-Base
-    numbers beside them. An average needs all five of its benchmarks; a missing value is null."""
-    cols = _model_columns(summary, models)
-    run: dict[str, dict[str, float | None]] = {m: {} for m in cols}
+    "Other avg" after the rest; one column per model and grader of the run (avg@k, %), the strict ones
+    first, then the official ones with the paper's Qwen3-4B-Base numbers right after them (the paper was
+    measured with the official harness, so only the official columns compare). An average needs all five
+    of its benchmarks; a missing value is null."""
+    if "grader" not in summary.columns:
+        summary = summary.with_columns(grader=pl.lit("strict"))
+    cols, graders = _model_columns(summary, models), _graders(summary)
+    run: dict[str, dict[str, float | None]] = {}
+    for g in graders:
+        for m in cols:
+            run[m if len(graders) == 1 else f"{m} {g}"] = {}
     for r in summary.iter_rows(named=True):
-        if r["model"] in run and r["avg_at_k"] is not None:
-            run[r["model"]][r["benchmark"]] = 100 * r["avg_at_k"]
+        name = r["model"] if len(graders) == 1 else f"{r['model']} {r['grader']}"
+        if name in run and r["avg_at_k"] is not None:
+            run[name][r["benchmark"]] = 100 * r["avg_at_k"]
     columns = run | {name: dict(values) for name, values in benchmarks.PAPER_4B.items()}
     for values in columns.values():
         values.setdefault("Math avg", benchmarks.group_average(values, benchmarks.MATH_AVG))
@@ -190,5 +250,6 @@ def paper_table_markdown(summary: pl.DataFrame, models: list[str] | None = None)
     return (
         "Paper table (avg@k, %): Math avg = mean of MATH500, AIME24, AIME25, AMC23, OlympiadBench; Other avg = "
         "mean of GPQA-D, LCB-E/M/H, MMLU-Pro. The `paper …` columns are the published Qwen3-4B-Base 17K "
-        "numbers (method.md §7), for reference.\n\n" + head + body
+        "numbers (method.md §7), measured with the official harness: compare them with the official "
+        "columns only.\n\n" + head + body
     )

@@ -8,7 +8,8 @@ In:  the stage tables of one run (problems, posterior_samples, verdicts, weights
 Out: report.md with, per section, a plot and its key numbers as a markdown table:
      importance weights (rho_tilde per question, effective sample size 1/sum rho_tilde^2), rollout accuracy by
      source, think lengths (q_phi samples vs reference traces, in characters), hint leakage, selection
-     origins (-2 / -1 / k), the eval summary and the benchmark overlaps of the training rows (contamination).
+     origins (-2 / -1 / k), the eval summary (strict and official avg@k side by side, the paper's numbers
+     next to the official columns) and the benchmark overlaps of the training rows (contamination).
      A table that is missing gives a line saying so.
 Plots use matplotlib's object API (Figure + Agg canvas), so no pyplot global state and no display needed.
 """
@@ -25,7 +26,7 @@ import polars as pl
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from variational.analysis.metrics import MODELS, summarize, summary_markdown
+from variational.analysis.metrics import MODELS, VERDICT_COLUMNS, summarize, summary_markdown
 from variational.analysis.sql import connect, unreadable_stages
 from variational.pipeline.orchestration import publish_markdown
 from variational.pipeline.records import check_name
@@ -40,7 +41,16 @@ COLUMNS: dict[str, list[str]] = {
     "verdicts": ["prompt_idx", "sample_idx", "rollout_idx", "correct", "status", "verifier"],
     "weights": ["prompt_idx", "sample_idx", "estimator", "eligible", "rho_tilde", "selected"],
     "train": ["origin", "weight", "prompt_idx"],
-    "eval": ["model", "benchmark", "problem_id", "sample", "correct", "status"],
+    "eval": [
+        "model",
+        "benchmark",
+        "problem_id",
+        "sample",
+        "correct",
+        "status",
+        "correct_official",
+        "status_official",
+    ],
     "contamination": ["prompt_idx", "benchmark", "problem_id", "field", "n", "overlap", "ngram"],
     "clean_problems": ["prompt_idx"],
 }
@@ -367,21 +377,28 @@ def section_eval(t: dict[str, pl.DataFrame], out: Path) -> str:
         set(summary["model"].to_list()) - set(MODELS)
     )
     benches = summary["benchmark"].unique(maintain_order=True).to_list()
+    graders = [g for g in VERDICT_COLUMNS if g in summary["grader"].to_list()]
+    bars = [(m, g) for m in models for g in graders]
     fig = Figure(figsize=(max(6, 1.6 * len(benches) + 2), 4))
     ax = fig.subplots()
-    width = 0.8 / max(1, len(models))
-    for i, m in enumerate(models):
-        vals = {
-            r["benchmark"]: r["avg_at_k"] for r in summary.filter(pl.col("model") == m).iter_rows(named=True)
-        }
-        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(benches))]
+    width = 0.8 / max(1, len(bars))
+    for i, (m, g) in enumerate(bars):
+        picked = summary.filter(pl.col("model") == m, pl.col("grader") == g)
+        vals = {r["benchmark"]: r["avg_at_k"] for r in picked.iter_rows(named=True)}
+        xs = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(benches))]
         ax.bar(
-            xs, [100 * (vals.get(b) or 0.0) for b in benches], width, color=COLORS[i % len(COLORS)], label=m
+            xs,
+            [100 * (vals.get(b) or 0.0) for b in benches],
+            width,
+            color=COLORS[models.index(m) % len(COLORS)],
+            hatch="//" if g == "official" else None,  # official: hatched, next to the strict bar
+            label=f"{m} {g}",
         )
     ax.set_xticks(range(len(benches)), benches)
-    ax.set(title="Benchmark accuracy (avg@k)", xlabel="benchmark", ylabel="avg@k accuracy (%)")
+    ax.set(title="Benchmark accuracy (avg@k): strict, official hatched", xlabel="benchmark")
+    ax.set_ylabel("avg@k accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.legend(title="model")
+    ax.legend(title="model, grader", fontsize="small")
     return f"{_save(fig, out / 'eval_avg.png')}\n{summary_markdown(summary, models)}"
 
 

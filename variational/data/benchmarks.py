@@ -1,11 +1,14 @@
 """Evaluation benchmarks: load one (file, folder, hub), turn its rows into prompts and answers per grader.
 
-In:  a `BenchmarkConfig` (path, grader, subset/split, LiveCodeBench release and difficulty, GPQA shuffle seed).
+In:  a `BenchmarkConfig` (path, grader, subset/split, LiveCodeBench release and difficulty, GPQA shuffle seed)
+     and the run's `parity.EvalPrompts` (how `parity` asks: AIME25 question-first, LiveCodeBench starter
+     code, the GPQA option order).
 Out: `load_benchmark` -> problem_id, problem (raw text), user (the user message of the paper's harness,
      SkyThought 0d190f1, method.md §6), gold (list[str]: accepted answers, or the correct letter),
      tests (the APPS `input_output` JSON string for code, else null).
 Graders: math (math-verify in tasks/verify.py), mmlu_pro (letter A-J), gpqa (letter A-D, options shuffled
-per question under a fixed seed), code (tests run by tasks/verify.check_code).
+per question under a fixed seed), code (tests run by tasks/verify.check_code). The harness's own letter
+readers (`official_choice`) give the official column of the eval stage.
 Also the paper's table: which benchmarks make "Math avg" / "Other avg", and its Qwen3-4B-Base numbers.
 """
 
@@ -25,9 +28,10 @@ from typing import Any
 import polars as pl
 
 import variational
-from variational import templates
+from variational import parity, templates
 from variational.config import BenchmarkConfig
 from variational.data import raw
+from variational.parity import EvalPrompts
 
 EMBEDDED_EVAL_DIR = Path(variational.__file__).resolve().parent / "data" / "eval"
 # Column names seen in public math benchmarks (MATH-500, AIME, OlympiadBench, GSM8K, NuminaMath ...),
@@ -163,7 +167,9 @@ def _problem_id(row: dict[str, Any], id_col: str | None, i: int) -> str:
     return str(row[id_col]) if id_col and row.get(id_col) is not None else str(i)
 
 
-def math_problems(rows: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+def math_problems(
+    rows: list[dict[str, Any]], name: str, question_first: bool = False
+) -> list[dict[str, Any]]:
     fields = set().union(*(r.keys() for r in rows[:50]))
     id_col, problem_col = _pick(rows, ID_COLUMNS), _pick(rows, PROBLEM_COLUMNS)
     gold_cols = [c for c in GOLD_COLUMNS + SOLUTION_COLUMNS if c in fields]
@@ -179,9 +185,8 @@ def math_problems(rows: list[dict[str, Any]], name: str) -> list[dict[str, Any]]
         if not gold:
             missing.append(pid)
         problem = str(r[problem_col])
-        out.append(
-            {"problem_id": pid, "problem": problem, "user": templates.math_question(problem), "gold": gold}
-        )
+        user = templates.math_question(problem, question_first)
+        out.append({"problem_id": pid, "problem": problem, "user": user, "gold": gold})
     if missing:
         raise ValueError(
             f"benchmark {name!r}: {len(missing)} rows without a gold answer in {gold_cols} "
@@ -219,24 +224,34 @@ def mmlu_pro_problems(rows: list[dict[str, Any]], name: str) -> list[dict[str, A
     return out
 
 
-def gpqa_problems(rows: list[dict[str, Any]], name: str, seed: int) -> list[dict[str, Any]]:
+def gpqa_problems(
+    rows: list[dict[str, Any]], name: str, seed: int, harness_order: bool = False
+) -> list[dict]:
     """Idavidrein/gpqa rows -> the four answers in an order drawn per question from (seed, Record ID), so a
-    question's order does not depend on the row order or on other questions (the harness shuffles unseeded)."""
+    question's order does not depend on the row order or on other questions. `harness_order` (parity
+    official): the harness's order instead, `random.seed(41)` then one `random.shuffle` per row in file
+    order, the texts unstripped, the gold the first letter showing the correct answer's text."""
     _require_fields(rows, ("Question", *GPQA_OPTION_COLUMNS), name, "GPQA")
+    harness = random.Random(parity.OFFICIAL_GPQA_SEED)
     out = []
     for i, r in enumerate(rows):
         pid = _problem_id(r, "Record ID", i)
-        options = [str(r[c]).strip() for c in GPQA_OPTION_COLUMNS]
-        order = list(range(4))
-        random.Random(f"{seed}/{pid}").shuffle(order)
-        shown = [options[j] for j in order]
-        question = str(r["Question"]).strip()
+        if harness_order:
+            shown = [str(r[c]) for c in GPQA_OPTION_COLUMNS]
+            harness.shuffle(shown)
+            question, gold = str(r["Question"]), shown.index(str(r[GPQA_OPTION_COLUMNS[0]]))
+        else:
+            options = [str(r[c]).strip() for c in GPQA_OPTION_COLUMNS]
+            order = list(range(4))
+            random.Random(f"{seed}/{pid}").shuffle(order)
+            shown = [options[j] for j in order]
+            question, gold = str(r["Question"]).strip(), order.index(0)  # option 0 is the correct answer
         out.append(
             {
                 "problem_id": pid,
                 "problem": question,
                 "user": templates.gpqa_question(question, shown),
-                "gold": [templates.CHOICE_LETTERS[order.index(0)]],  # option 0 is the correct answer
+                "gold": [templates.CHOICE_LETTERS[gold]],
             }
         )
     return out
@@ -245,6 +260,32 @@ def gpqa_problems(rows: list[dict[str, Any]], name: str, seed: int) -> list[dict
 _BOXED_LETTER = re.compile(r"^[\s$({\[]*(?:\\text(?:bf)?\{|\\mathrm\{)?\s*\(?([A-P])\)?(?![A-Za-z])")
 _ANSWER_IS = re.compile(r"[Aa]nswer(?:\s+is)?\s*:?\s*\**\s*(?:\\boxed\{)?\(?([A-P])\)?(?![A-Za-z])")
 _LONE_LETTER = re.compile(r"(?<![\w'’])([A-P])(?![\w'’])")
+
+
+# The harness's readers (SkyThought 0d190f1 util/math_parsing_util.py), re-stated: no \boxed, no sections.
+_GPQA_LETTER = re.compile(r"\b(A|B|C|D)\b")
+_MMLU_ANSWER_IS = re.compile(r"answer is \(?([A-J])\)?")
+_MMLU_ANSWER_LINE = re.compile(r".*[aA]nswer:\s*([A-J])")
+_MMLU_LAST_LETTER = re.compile(r"\b[A-J]\b(?!.*\b[A-J]\b)", re.DOTALL)
+
+
+def official_choice(text: str | None, grader: str) -> str | None:
+    """The letter the harness reads, or None. GPQA: the last standalone A-D of the UPPER-CASED response (an
+    English "a" counts as A). MMLU-Pro: the first "answer is (X)" anywhere (case-sensitive, no word boundary
+    after the letter), else the first line with "Answer: X" (its last such X), else the last standalone
+    A-J."""
+    if not text:
+        return None
+    if grader == "gpqa":
+        found = _GPQA_LETTER.findall(text.upper())
+        return found[-1] if found else None
+    if grader != "mmlu_pro":
+        raise ValueError(f"official_choice: grader {grader!r} is not multiple choice (gpqa, mmlu_pro)")
+    for pattern in (_MMLU_ANSWER_IS, _MMLU_ANSWER_LINE):
+        if m := pattern.search(text):
+            return m.group(1)
+    m = _MMLU_LAST_LETTER.search(text)
+    return m.group(0) if m else None
 
 
 def extract_choice(text: str | None, letters: str) -> str | None:
@@ -290,17 +331,20 @@ def lcb_input_output(tests: list[dict[str, Any]], fn_name: str | None) -> str:
     """LiveCodeBench tests -> the APPS `input_output` JSON string that tasks/verify.check_code judges.
 
     stdin: inputs/outputs are the raw strings. functional: each input line is one JSON argument, the
-    output one JSON value, wrapped in a one-element list as APPS call-based outputs are."""
+    output one JSON value, wrapped in a one-element list as APPS call-based outputs are; the raw test texts
+    ride along (`raw_inputs`, `raw_outputs`) for the harness's own parser (the official column)."""
     if fn_name is None:
         return json.dumps({"inputs": [t["input"] for t in tests], "outputs": [t["output"] for t in tests]})
     inputs = [[json.loads(line) for line in t["input"].split("\n") if line.strip()] for t in tests]
     outputs = [[json.loads(t["output"])] for t in tests]
-    return json.dumps({"inputs": inputs, "outputs": outputs, "fn_name": fn_name})
+    raw = {"raw_inputs": [t["input"] for t in tests], "raw_outputs": [t["output"] for t in tests]}
+    return json.dumps({"inputs": inputs, "outputs": outputs, "fn_name": fn_name} | raw)
 
 
-def lcb_problems(rows: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+def lcb_problems(rows: list[dict[str, Any]], name: str, starter_code: bool = True) -> list[dict[str, Any]]:
     """livecodebench/code_generation_lite rows -> prompt + tests. Tests: the private ones, as the harness
-    grades (the public ones when a copy has no private tests); call-based iff the tests are `functional`."""
+    grades (the public ones when a copy has no private tests); call-based iff the tests are `functional`.
+    `starter_code` False (parity official): the prompt shows none, as the harness's."""
     _require_fields(rows, ("question_id", "question_content", "public_test_cases"), name, "LiveCodeBench")
     out = []
     for r in rows:
@@ -314,12 +358,12 @@ def lcb_problems(rows: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
             raise ValueError(
                 f"benchmark {name!r}: problem {r['question_id']} has functional tests but no func_name"
             )
-        question = r["question_content"]
+        question, starter = r["question_content"], r.get("starter_code") or ""
         out.append(
             {
                 "problem_id": str(r["question_id"]),
                 "problem": question,
-                "user": templates.code_question(question, r.get("starter_code") or "", call_based),
+                "user": templates.code_question(question, starter if starter_code else "", call_based),
                 "gold": [],
                 "tests": lcb_input_output(tests, fn_name),
             }
@@ -330,9 +374,12 @@ def lcb_problems(rows: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- one entry point
 
 
-def load_benchmark(name: str, spec: BenchmarkConfig) -> pl.DataFrame:
+def load_benchmark(
+    name: str, spec: BenchmarkConfig, prompts: EvalPrompts = parity.STRICT_PROMPTS
+) -> pl.DataFrame:
     """spec -> problem_id, problem, user, gold, tests (see the module docstring); LiveCodeBench rows are
-    filtered by difficulty before the first `spec.limit` rows are kept."""
+    filtered by difficulty before the first `spec.limit` rows are kept. `prompts`: how the run's parity
+    asks (parity.eval_prompts)."""
     rows = read_rows(spec)
     if spec.difficulty is not None:
         rows = [r for r in rows if r.get("difficulty") == spec.difficulty]
@@ -341,13 +388,13 @@ def load_benchmark(name: str, spec: BenchmarkConfig) -> pl.DataFrame:
     if not rows:
         raise ValueError(f"benchmark {name!r} is empty (path {spec.path!r}, difficulty {spec.difficulty})")
     if spec.grader == "math":
-        problems = math_problems(rows, name)
+        problems = math_problems(rows, name, name in prompts.question_first)
     elif spec.grader == "mmlu_pro":
         problems = mmlu_pro_problems(rows, name)
     elif spec.grader == "gpqa":
-        problems = gpqa_problems(rows, name, spec.shuffle_seed)
+        problems = gpqa_problems(rows, name, spec.shuffle_seed, prompts.gpqa_order == "harness")
     else:
-        problems = lcb_problems(rows, name)
+        problems = lcb_problems(rows, name, prompts.starter_code)
     df = pl.DataFrame([{c: p.get(c) for c in SCHEMA} for p in problems], schema=SCHEMA).with_columns(
         pl.col("gold").list.unique(maintain_order=True)
     )

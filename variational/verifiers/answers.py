@@ -52,6 +52,7 @@ GRADING_CODE = (
     "variational.verifiers.official_latex",
     "variational.verifiers.official_math",
     "variational.verifiers.apps_check",
+    "variational.verifiers.lcb_check",
     "variational.verifiers.harness",
     "variational.verifiers.protocol",
     "variational.verifiers.sandbox",
@@ -176,12 +177,24 @@ def check_code_row(
     official_quirks: bool = False,
     max_processes: int = 64,
     mode: str | None = None,
+    problem_timeout_s: float | None = None,
+    comparison: str = "apps",
 ) -> tuple:
     """(extracted code, correct, status, elapsed_ms) of one row (variational/verifiers/apps_check.py judges
     it). `mode`: a verify.sandbox setting (None: auto)."""
     t0 = time.perf_counter()
     try:
-        v = apps_check.judge(text, tests, timeout_s, memory_mb, max_processes, official_quirks, mode)
+        v = apps_check.judge(
+            text,
+            tests,
+            timeout_s,
+            memory_mb,
+            max_processes,
+            official_quirks,
+            mode,
+            problem_timeout_s=problem_timeout_s,
+            comparison=comparison,
+        )
     except ConfigError:
         raise  # SandboxUnavailable among them: without isolation verification stops, it never goes on
     except Exception as e:  # the sandbox itself failed this once (cannot start, out of resources): go on
@@ -200,6 +213,9 @@ def check_code(
     official_quirks: bool = False,
     max_processes: int = 64,
     sandbox: str = "auto",
+    *,
+    problem_timeout_s: float | None = None,
+    comparison: str = "apps",
 ) -> pl.DataFrame:
     """df[text, tests] -> df + extracted (the program), correct, status, verifier, elapsed_ms.
 
@@ -212,14 +228,26 @@ def check_code(
     Rows run in parallel threads, each in its own sandbox (variational/verifiers/sandbox.py) of
     `sandbox` (verify.sandbox), resolved first: where it cannot be set up this raises SandboxUnavailable
     (variational/verifiers/sandbox.py) before any row runs. With "none" the rows' verifier is
-    code_tests_unsandboxed."""
+    code_tests_unsandboxed.
+    `problem_timeout_s` caps a problem's tests together (official: 11 s). `comparison="lcb"`: the
+    LiveCodeBench harness's rules (variational/verifiers/lcb_check.py: its comparison, call rule, time budget)."""
     require(df, ("text", "tests"), "check_code")
     mode = resolve_mode(sandbox)
     rows = list(zip(df["text"].to_list(), df["tests"].to_list(), strict=True))
     n_threads = max(1, min(workers or cpu_count(), len(rows)))
 
     def one(row: tuple) -> tuple:
-        return check_code_row(row[0], row[1], timeout_s, memory_mb, official_quirks, max_processes, mode)
+        return check_code_row(
+            row[0],
+            row[1],
+            timeout_s,
+            memory_mb,
+            official_quirks,
+            max_processes,
+            mode,
+            problem_timeout_s,
+            comparison,
+        )
 
     with ThreadPoolExecutor(n_threads) as ex:
         it = ex.map(one, rows)

@@ -32,6 +32,9 @@ official_quirks=True restores the verdict rule, the wrapping and the fence rule,
 paper's data. Not reproduced even then: the StringIO stdin, the 11 s cap per problem, `reliability_guard`.
 Problems that need a special judge (any valid output accepted; TACO marks 218 of its test split, SOURCES.md
 §6, and APPS train 2287 is one) are judged by exact comparison, as officially: correct programs can fail.
+`problem_timeout_s` caps all tests of a problem together (the official checker: 11 s), then wrong.
+`comparison="lcb"`: LiveCodeBench as SkyThought's harness judges it (method.md §10; its rules:
+variational/verifiers/lcb_check.py).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from variational.verifiers import sandbox
+from variational.verifiers import lcb_check, sandbox
 from variational.verifiers.protocol import Opaque, ProtocolError, decode_value, parse_record
 
 log = logging.getLogger("variational")
@@ -205,6 +208,33 @@ def call_output_matches(value: Any, expected: Any) -> bool:
         return False
 
 
+# ================================================================ LiveCodeBench, as the harness judges it
+COMPARISONS = ("apps", "lcb")  # apps: the official APPS checker; lcb: variational/verifiers/lcb_check.py
+
+
+def lcb_tests(value: Any, code: str | None) -> Tests | Verdict | None:
+    """The `tests` cell judged the LiveCodeBench way. Functional tests need the raw test texts
+    (`raw_inputs` / `raw_outputs`, as variational/data/benchmarks.lcb_input_output stores them)."""
+    parsed = parse_tests(value)
+    if parsed is None or parsed.kind == "stdin":
+        return parsed
+    raw = json.loads(value) if isinstance(value, str) else value
+    if not isinstance(raw.get("raw_inputs"), list) or not isinstance(raw.get("raw_outputs"), list):
+        raise ValueError("functional tests without raw_inputs / raw_outputs: not a LiveCodeBench row")
+    if code is None:
+        return Verdict("no_code", False)
+    name = lcb_check.function_name(code)
+    if name is None or not name.isidentifier():
+        return Verdict("compile_error", False, code, f"the harness would call {name!r}: not a function name")
+    try:
+        inputs = [lcb_check.call_args(str(x)) for x in raw["raw_inputs"]]
+    except ValueError as e:
+        return Verdict("wrong", False, code, f"the harness's parser fails on a test input: {e}")
+    return Tests(
+        inputs=inputs, outputs=[lcb_check.expected_value(x) for x in raw["raw_outputs"]], fn_name=name
+    )
+
+
 # ================================================================ one program
 @dataclass(frozen=True)
 class Verdict:
@@ -222,18 +252,31 @@ def judge(
     max_processes: int = 64,
     official_quirks: bool = False,
     mode: str | None = None,
+    *,
+    problem_timeout_s: float | None = None,
+    comparison: str = "apps",
 ) -> Verdict:
-    """One model output on its tests -> Verdict. `timeout_s` is per test (official: 4 s). `mode`: a
-    verify.sandbox setting (None: auto); raises sandbox.SandboxUnavailable when it cannot be set up."""
+    """One model output on its tests -> Verdict. `timeout_s` is per test (official: 4 s); `problem_timeout_s`
+    caps the tests' time together. `mode`: a verify.sandbox setting (None: auto); raises
+    sandbox.SandboxUnavailable when it cannot be set up. `comparison`: "apps" (the official APPS checker) or
+    "lcb" (the LiveCodeBench harness: its code block, parser, comparison and time budget; no quirks)."""
+    if comparison not in COMPARISONS:
+        raise ValueError(f"unknown comparison {comparison!r}; use one of {COMPARISONS}")
+    lcb = comparison == "lcb"
+    code = lcb_check.code_block(text) if lcb else last_code_block(text, official=official_quirks)
     try:
-        parsed = parse_tests(tests)
+        parsed = lcb_tests(tests, code) if lcb else parse_tests(tests)
     except ValueError as e:
         return Verdict("gold_unparsable", False, detail=str(e))
-    code = last_code_block(text, official=official_quirks)
+    if isinstance(parsed, Verdict):
+        return parsed
     if parsed is None:
         return Verdict("gold_unparsable", False, code, "no tests")
     if code is None:
         return Verdict("no_code", False)
+    if lcb:  # no per-test limit officially: one budget for the suite
+        official_quirks, timeout_s = False, lcb_check.budget_s(len(parsed.inputs))
+        problem_timeout_s = timeout_s
     spec = {
         "kind": parsed.kind,
         "code": code,
@@ -241,25 +284,50 @@ def judge(
         "inputs": parsed.inputs,
         "timeout_s": timeout_s,
         "official_wrapping": official_quirks,
+        "lcb": lcb,
     }
     limits = sandbox.Limits(memory_mb=memory_mb, max_processes=max_processes)
+    rules = Rules(
+        timeout_s, problem_timeout_s, official_quirks, lcb_check.output_matches if lcb else output_matches
+    )
     with sandbox.start_python(jail_program(), json.dumps(spec).encode(), limits, mode) as jail:
-        return read_verdict(jail, parsed, timeout_s, official_quirks, code)
+        return read_verdict(jail, parsed, timeout_s, official_quirks, code, rules=rules)
 
 
-def read_verdict(jail: sandbox.Jail, tests: Tests, timeout_s: float, quirks: bool, code: str) -> Verdict:
+@dataclass(frozen=True)
+class Rules:
+    """How a program's records are judged: time per test and per problem, the quirks, the comparison."""
+
+    timeout_s: float  # per test
+    problem_timeout_s: float | None = None  # all tests together (the test times the harness reports)
+    quirks: bool = False
+    matches: Any = None  # (kind, what a test printed or returned, expected) -> passed; None: APPS rules
+
+
+def output_matches(kind: str, got: Any, expected: Any) -> bool:
+    """The official APPS checker's comparison of one test's output."""
+    if kind == "stdin":
+        return stdin_output_matches(got, expected)
+    return call_output_matches(got, expected)
+
+
+def read_verdict(
+    jail: sandbox.Jail, tests: Tests, timeout_s: float, quirks: bool, code: str, *, rules: Rules | None = None
+) -> Verdict:
     """The verdict from a started jail's records (the harness's, or whatever else runs there): `error`
-    when its first record is not `start`; wrong when a later one breaks the format or its turn."""
+    when its first record is not `start`; wrong when a later one breaks the format or its turn. `rules`
+    (judge's): the problem's time cap and the comparison too; default the APPS rules, no cap."""
+    rules = rules or Rules(timeout_s, None, quirks)
     if not _started(jail, tests.kind):
         return Verdict("error", False, code, f"sandbox failed: {jail.stderr()[-500:]}")
     try:
-        results, detail = _collect(jail, tests, timeout_s, quirks)
+        results, detail = _collect(jail, tests, rules)
     except ProtocolError as e:
         return Verdict("wrong", False, code, f"protocol violation: {e}"[:600])
     except _HarnessStopped as e:
         log.warning("check_code: the harness stopped early (%s); stderr: %s", e, jail.stderr()[-300:])
         return Verdict("wrong", False, code, f"the harness stopped early: {e}")
-    return _verdict(results, len(tests.inputs), quirks, code, detail)
+    return _verdict(results, len(tests.inputs), rules.quirks, code, detail)
 
 
 class _HarnessStopped(Exception):
@@ -275,21 +343,24 @@ def _started(jail: sandbox.Jail, kind: str) -> bool:
         return False
 
 
-def _collect(jail: sandbox.Jail, tests: Tests, timeout_s: float, quirks: bool) -> tuple[list[str], str]:
+def _collect(jail: sandbox.Jail, tests: Tests, rules: Rules) -> tuple[list[str], str]:
     """Read the harness's records after `start`, each in its turn, comparing each test's output as it
-    arrives; stop at the first test that decides the verdict. -> (per-test states, detail).
-    Raises ProtocolError / _HarnessStopped: the program's failure."""
+    arrives; stop at the first test that decides the verdict, or when the tests' time together passes
+    rules.problem_timeout_s (then "killed", as the official checker kills the problem's process).
+    -> (per-test states, detail). Raises ProtocolError / _HarnessStopped: the program's failure."""
     results: list[str] = []
     detail, n = "", len(tests.inputs)
+    spent_s, cap, timeout_s = 0.0, rules.problem_timeout_s, rules.timeout_s
     while True:
-        record = _next_record(jail, tests.kind, timeout_s)
+        wait = timeout_s if cap is None else min(timeout_s, max(cap - spent_s, 0.0))
+        record = _next_record(jail, tests.kind, wait)
         if record is None:  # the harness stopped answering: the whole run's deadline
             return [*results, "killed"], detail or "the sandbox deadline passed"
         event = record["event"]
         if event == "invalid":
             raise ProtocolError(record["error"])
         if event == "compile_error" and not results:
-            _expect_done(jail, tests.kind, timeout_s)
+            _expect_done(jail, tests.kind, rules.timeout_s)
             return ["compile_error"], record["error"]
         if event == "done" and len(results) == n:
             _expect_end(jail)
@@ -297,26 +368,25 @@ def _collect(jail: sandbox.Jail, tests: Tests, timeout_s: float, quirks: bool) -
         if event != "test" or record["i"] != len(results) or len(results) >= n:
             where = f"test {len(results)}" if len(results) < n else "done"
             raise ProtocolError(f"a {event} record (index {record.get('i')}) where {where} was due")
-        state = _judged(record, tests)
+        state = _judged(record, tests, rules.matches or output_matches)
+        spent_s += min(max(float(record.get("ms") or 0.0) / 1e3, 0.0), timeout_s + GRACE_S)
+        if cap is not None and spent_s > cap:
+            state = "killed"
         results.append(state)
         if state != "ok":
             said = record.get("error") or f"printed {record.get('stdout', record.get('value'))!r:.200}"
             detail = detail or f"test {record['i']}: {state}: {said}"[:600]
             # officially a crash or a timeout does not end the run: under quirks only `wrong` decides
-            if not quirks or state in ("wrong", "killed"):
+            if not rules.quirks or state in ("wrong", "killed"):
                 return results, detail
 
 
-def _judged(record: dict, tests: Tests) -> str:
+def _judged(record: dict, tests: Tests, matches: Any) -> str:
     state = record["status"]
     if state != "ran":
         return state
-    i = record["i"]
-    if tests.kind == "stdin":
-        passed = stdin_output_matches(record["stdout"], tests.outputs[i])
-    else:
-        passed = call_output_matches(record["value"], tests.outputs[i])
-    return "ok" if passed else "wrong"
+    got = record["stdout"] if tests.kind == "stdin" else record["value"]
+    return "ok" if matches(tests.kind, got, tests.outputs[record["i"]]) else "wrong"
 
 
 def _next_record(jail: sandbox.Jail, kind: str, timeout_s: float) -> dict | None:

@@ -2,7 +2,8 @@
 
 In (stdin, one JSON object): kind ("stdin" | "call"), code, fn_name, inputs (stdin: one text per test; call:
 one argument list per test), timeout_s (per test), official_wrapping (stdin programs run the way the
-official checker runs them: wrapped in `def code()`, in a module not named __main__).
+official checker runs them: wrapped in `def code()`, in a module not named __main__), lcb (the
+LiveCodeBench harness's exec: no import prelude, and call tests look fn_name up in the module itself).
 Out (stdout): the records of variational/verifiers/protocol.py, one JSON line each: start, then
 compile_error or one test record per test in turn (what it printed or returned, or how it failed), or
 invalid, then done. Nothing here judges: the expected outputs never enter the sandbox, and the trusted side
@@ -292,7 +293,8 @@ def call_tests_child(code_obj, spec: dict, prelude: dict, results_fd: int, token
     module = fresh_module("solution", prelude)  # not __main__: a `__main__` block must not run
     try:
         exec(code_obj, module.__dict__)
-        holder = module.Solution() if "class Solution" in spec["code"] else module
+        lookup_solution = "class Solution" in spec["code"] and not spec.get("lcb")
+        holder = module.Solution() if lookup_solution else module
         method = getattr(holder, spec["fn_name"])
     except BaseException as e:  # the official -2: the module, the instance or the function fails
         send({"event": "compile_error", "error": f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS]})
@@ -415,10 +417,11 @@ def main() -> None:
     sys.stdin.close()
     os.chdir(os.environ.get("HOME") or ".")  # the jail's only writable folder (sandbox.py sets HOME)
     prelude: dict = {}
-    exec(PRELUDE, prelude)
+    if not spec.get("lcb"):  # the LiveCodeBench harness execs the program in an empty namespace
+        exec(PRELUDE, prelude)
     # numpy is part of the official prelude too, but importing it costs more than starting the jail
     # (measured 0.3-0.8 s): only a program that names it can tell, so only then is it imported
-    if re.search(r"\bnp\b|numpy", spec["code"]):
+    if not spec.get("lcb") and re.search(r"\bnp\b|numpy", spec["code"]):
         # not installed, or the memory limit is below its footprint: the program will say so itself
         with contextlib.suppress(ImportError, MemoryError):
             exec("import numpy as np", prelude)
