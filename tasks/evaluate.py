@@ -177,13 +177,46 @@ def _plan(i: Inputs) -> pl.DataFrame:
     return pl.DataFrame({"model": models})
 
 
+def _add(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Counters of two engines in a row: numbers add up, the device is the latest."""
+    out = {k: a.get(k, 0) + b.get(k, 0) for k in ("tokens_in", "tokens_out", "start_s") if k in a or k in b}
+    return out | ({"device": b.get("device") or a.get("device")} if "device" in a or "device" in b else {})
+
+
+class EvalSampler:
+    """The engine of the eval stage: one Sampler for every model it evaluates, opened on the first and
+    handed the next model's weights (Sampler.load: the models are fine-tunes of one base model), so three
+    models cost one engine start. Settings: engine with `eval.dtype`, no prefix caching."""
+
+    def __init__(self, i: Inputs):
+        self.config = eval_engine_config(i.conf.engine, i.conf.eval)
+        self.sampler: Sampler | None = None
+        self.done: dict[str, Any] = {}  # the counters of the samplers closed so far
+
+    def serve(self, model_dir: str) -> Sampler:
+        if self.sampler is not None and self.sampler.model_dir != model_dir:
+            self.done = _add(self.done, self.sampler.counters())
+            self.sampler.close()
+            self.sampler = None
+        if self.sampler is None:
+            self.sampler = Sampler(model_dir, self.config)
+        return self.sampler
+
+    def counters(self) -> dict[str, Any]:
+        return _add(self.done, self.sampler.counters() if self.sampler is not None else {})
+
+    def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.close()
+
+
 def _shard(i: Inputs, engine: Engine, part: pl.DataFrame) -> pl.DataFrame:
     model = part["model"][0]
     benchmarks = {name: load_benchmark(name, spec) for name, spec in i.conf.eval.benchmarks.items()}
     requests = build_eval_requests(benchmarks, i.conf.eval)
     logger().info("eval: %s on %d problems of %s", model, requests.height, list(benchmarks))
-    with Sampler(i.model_dir(UPSTREAM_OF[model]), eval_engine_config(i.conf.engine, i.conf.eval)) as sampler:
-        samples = generate_samples(sampler, requests, model, i.conf.eval)
+    sampler = engine.get().serve(i.model_dir(UPSTREAM_OF[model]))
+    samples = generate_samples(sampler, requests, model, i.conf.eval)
     return score_eval(samples, grade_samples(samples, i.conf.verify))
 
 
@@ -204,6 +237,7 @@ EVAL = Stage(
     ),
     plan=_plan,
     shard=_shard,
+    engine=EvalSampler,
     identity=_benchmarks,
     summary=lambda i, rows: summary_markdown(summarize(rows), list(i.conf.eval.models)),
     side=lambda i, rows: {"summary": summarize(rows)},

@@ -43,9 +43,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     # no server configured: our own temporary one, out of reach of the signals sent to our process group
     orchestration.ensure_api()
     from flows.recipe import variational
+    from variational.pipeline.console import log_path, run_console
 
+    log_file = log_path(conf.data_root, conf.name)
+    print(
+        f"run {conf.name!r}: the full log goes to {log_file}"
+        + ("" if args.verbose else " (--verbose: here too)")
+    )
     try:
-        result = orchestration.run_flow(variational, conf.executor, config=conf.model_dump(mode="json"))
+        with run_console(log_file, verbose=args.verbose):
+            result = orchestration.run_flow(variational, conf.executor, config=conf.model_dump(mode="json"))
     except BaseException as err:
         if shutdown.requested_signal() is None:
             raise
@@ -201,13 +208,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
     from flows.recipe import dag
-    from variational.analysis.plan import format_plan, plan
+    from variational.analysis.plan import KIND_OF, format_plan, plan
+    from variational.analysis.rates import load_rates
     from variational.config import load_config
 
     overrides = list(args.set or []) + ([f"data_root={args.data_root}"] if args.data_root else [])
     conf = load_config(args.config, overrides)  # the one load; the DAG is traced from this very config
     calls = dag(conf.model_dump(mode="json"))  # the flow owns the stages, rounds and fingerprints
-    estimate = plan(conf, calls, gpus=args.gpus, cpus=args.cpus, use_data=not args.no_data)
+    try:  # a run under the data root, or a calibration file (bench/gpu_check.py writes one)
+        rates = load_rates(args.calibrate, conf.data_root, KIND_OF)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    estimate = plan(conf, calls, gpus=args.gpus, cpus=args.cpus, use_data=not args.no_data, rates=rates)
     print(json.dumps(estimate.to_dict(), indent=2) if args.json else format_plan(estimate))
     return 0
 
@@ -217,6 +229,9 @@ def _add_run(sub: Any) -> None:
     r.add_argument("config", help="a YAML path or the name of one in configs/ (tiny, subset-1k, full-17k)")
     r.add_argument("--data-root", help="where tables and models go (default: the config's data_root)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. K=4")
+    r.add_argument(
+        "--verbose", action="store_true", help="print engine and library logs too (always in the log file)"
+    )
     r.set_defaults(func=cmd_run)
 
 
@@ -229,6 +244,11 @@ def _add_plan(sub: Any) -> None:
     pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. K=4")
     pl.add_argument("--no-data", action="store_true", help="ignore local data: use the paper's counts")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument(
+        "--calibrate",
+        metavar="RUN|FILE",
+        help="take the rates from a finished run under --data-root (its shard stats) or a calibration file",
+    )
     pl.set_defaults(func=cmd_plan)
 
 

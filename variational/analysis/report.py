@@ -22,6 +22,7 @@ import polars as pl
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from variational.analysis import throughput
 from variational.analysis.metrics import MODELS, summarize, summary_markdown
 from variational.analysis.sql import connect
 from variational.pipeline.orchestration import publish_markdown
@@ -378,6 +379,9 @@ def write_report(data_root: str | Path, run: str, out_dir: str | Path | None = N
         f"Data root `{Path(data_root).resolve()}`; plots are PNGs in `{out}`.\n",
     ]
     parts.append("## Stages\n\n" + md_table(stages))
+    stats = throughput.summary(con).select(throughput.COLUMNS + ["rows_per_s"])
+    table = md_table(stats.select(throughput.COLUMNS))
+    parts.append(f"## Throughput\n\n{throughput.section_throughput(stats, out, table)}")
     for title, fn in SECTIONS:
         parts.append(f"## {title}\n\n{fn(tables, out)}")
     path = out / "report.md"

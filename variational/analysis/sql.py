@@ -21,6 +21,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from variational.pipeline import shardstats
 from variational.pipeline.store import recorded_stages, run_names, unrecorded_folders
 from variational.registry import OLD_STAGE_NAMES
 
@@ -62,11 +63,13 @@ def connect(data_root: str | Path, run: str) -> duckdb.DuckDBPyConnection:
     readable = [data_root / run]
     meta: list[dict[str, Any]] = []
     sides: dict[str, Path] = {}  # side tables: eval_summary, problems_rejects
+    stats: list[Path] = []  # every stage's shard_stats.parquet: one `shard_stats` view
     parts: dict[str, list[tuple[int, str]]] = {}
     for rec in recorded_stages(data_root, run):
         table = TABLE_OF.get(rec.stage, rec.stage)
         readable.append(rec.folder)
-        sides.update({f"{table}_{p.stem}": p for p in rec.sides})
+        sides.update({f"{table}_{p.stem}": p for p in rec.sides if p.stem != shardstats.SIDE_TABLE})
+        stats += [p for p in rec.sides if p.stem == shardstats.SIDE_TABLE]
         parquet_rows, status = None, "complete" if rec.complete else "missing"
         if rec.parts:
             scan = f"read_parquet({_files_sql(rec.parts)}, union_by_name=true)"
@@ -95,8 +98,20 @@ def connect(data_root: str | Path, run: str) -> duckdb.DuckDBPyConnection:
         with contextlib.suppress(duckdb.Error):
             con.execute(f"CREATE VIEW {_quote(name)} AS SELECT * FROM read_parquet({_sql_string(str(path))})")
     con.register(META_VIEW, pl.DataFrame(meta, schema=_META_SCHEMA))
+    _shard_stats_view(con, stats)
     _lock_down(con, readable)
     return con
+
+
+def _shard_stats_view(con: duckdb.DuckDBPyConnection, files: list[Path]) -> None:
+    """`shard_stats`: what each shard of each stage cost (variational/pipeline/shardstats.py), empty with
+    its columns when no stage recorded any (runs of earlier releases)."""
+    with contextlib.suppress(duckdb.Error):
+        if files:
+            scan = f"read_parquet({_files_sql(files)}, union_by_name=true)"
+            con.execute(f"CREATE VIEW {shardstats.SIDE_TABLE} AS SELECT * FROM {scan}")
+            return
+    con.register(shardstats.SIDE_TABLE, shardstats.frame([]))
 
 
 def _lock_down(con: duckdb.DuckDBPyConnection, readable: list[Path]) -> None:
