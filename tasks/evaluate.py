@@ -177,33 +177,26 @@ def _plan(i: Inputs) -> pl.DataFrame:
     return pl.DataFrame({"model": models})
 
 
-def _add(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Counters of two engines in a row: numbers add up, the device is the latest."""
-    out = {k: a.get(k, 0) + b.get(k, 0) for k in ("tokens_in", "tokens_out", "start_s") if k in a or k in b}
-    return out | ({"device": b.get("device") or a.get("device")} if "device" in a or "device" in b else {})
-
-
 class EvalSampler:
     """The engine of the eval stage: one Sampler for every model it evaluates, opened on the first and
     handed the next model's weights (Sampler.load: the models are fine-tunes of one base model), so three
-    models cost one engine start. Settings: engine with `eval.dtype`, no prefix caching."""
+    models cost one engine start. Settings: engine with `eval.dtype`; prefix caching on, so the n = k
+    samples of a problem and all problems share the prefill of the system prompt (the rows are those of
+    an engine without it: bench/RESULTS.md 2026-12-04)."""
 
     def __init__(self, i: Inputs):
         self.config = eval_engine_config(i.conf.engine, i.conf.eval)
         self.sampler: Sampler | None = None
-        self.done: dict[str, Any] = {}  # the counters of the samplers closed so far
 
     def serve(self, model_dir: str) -> Sampler:
-        if self.sampler is not None and self.sampler.model_dir != model_dir:
-            self.done = _add(self.done, self.sampler.counters())
-            self.sampler.close()
-            self.sampler = None
         if self.sampler is None:
-            self.sampler = Sampler(model_dir, self.config)
+            self.sampler = Sampler(model_dir, self.config, prefix_caching=True)
+        else:
+            self.sampler.load(model_dir)
         return self.sampler
 
     def counters(self) -> dict[str, Any]:
-        return _add(self.done, self.sampler.counters() if self.sampler is not None else {})
+        return self.sampler.counters() if self.sampler is not None else {}
 
     def close(self) -> None:
         if self.sampler is not None:

@@ -144,7 +144,8 @@ def prefect_env(data_root: str) -> None:
     )
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here; avoids log noise
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "variational")  # engine logs reach the task runs
+    # our engine lines and vLLM's own (those of its engine processes go to the run's log file only)
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "variational,vllm")
     os.environ.setdefault(
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S)
     )
