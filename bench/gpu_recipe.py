@@ -2,7 +2,7 @@
 
 Three paths of the project, run through their real code on a random-weight model of a given shape with a
 synthetic word-level tokenizer (no hub, no files: every id decodes, so sampling random weights works):
-- training: trainers.sft.train (the fine-tune stages' loop: packing, bf16 autocast on CUDA, AdamW), a few
+- training: trainers.launch.run_training (the fine-tune stages' loop: packing, bf16 autocast on CUDA, AdamW), a few
   optimizer steps; tokens/s, step time, peak memory and MFU from its own metrics;
 - scoring: tasks.score.score_rows (the logps stage: both backbones, chunked lm-head), tokens/s over the
   tokens the backbones run;
@@ -81,7 +81,7 @@ def _text(words: int, offset: int) -> str:
 def measure_training(folder: Path, device: str, examples: int, length: int) -> dict[str, Any]:
     import polars as pl
 
-    from trainers.sft import train
+    from trainers.launch import run_training
     from variational.config import TrainConfig
 
     rows = [(_text(length // 4, i), _text(3 * length // 4, i + 1)) for i in range(examples)]
@@ -91,7 +91,7 @@ def measure_training(folder: Path, device: str, examples: int, length: int) -> d
     cfg = TrainConfig(batch_size=max(1, examples // 4), micro_batch_tokens=4 * length, max_length=length + 8,
                       epochs=1, save_minutes=0, mixed_precision="auto")  # fmt: skip
     with tempfile.TemporaryDirectory() as out:
-        m = train(folder, frame, cfg, Path(out), progress=False)
+        m = run_training(folder, frame, cfg, Path(out))
     return {"tokens_per_s": m["tokens_per_s"], "context": m["tokens"] / m["examples"], "seconds": m["wall_time_s"],
             "peak_memory_gib": m["peak_memory_gib"], "mfu": m["mfu"], "step_time_s": m["step_time_s"]}  # fmt: skip
 
@@ -168,7 +168,7 @@ def measure(shape: str, device: str) -> tuple[list[list[str]], dict[str, Any]]:
             return [["recipe", shape, "model", "error", "", repr(err)[:120]]], {}
         (tr, tl), (sr, sl), (sp, sn, st) = SIZES[shape]
         paths = {
-            "train": ("trainers.sft.train", f"{tr} examples x {tl} tok", lambda: measure_training(folder, device, tr, tl)),
+            "train": ("trainers.launch.run_training", f"{tr} examples x {tl} tok", lambda: measure_training(folder, device, tr, tl)),
             "score": ("tasks.score.score_rows", f"{sr} traces x {sl} tok, 2 backbones", lambda: measure_scoring(folder, device, sr, sl)),
             "generate": ("Sampler (transformers)", f"{sp} prompts x n={sn}, {st} new", lambda: measure_sampling(folder, device, sp, sn, st)),
         }  # fmt: skip

@@ -47,7 +47,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from trainers import checkpoint, distributed, model, perf
+from trainers import checkpoint, distributed, model
 from trainers.batches import (
     Example,
     TrainingSet,
@@ -134,7 +134,6 @@ def _setup(
     from transformers import AutoTokenizer
 
     runtime = _start(cfg, log)
-    perf.reset_peak(runtime.device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = training_set(tokenizer, examples, cfg)
     attn = model.attn_implementation(cfg)
@@ -273,7 +272,6 @@ def _stop_at(run: _Run, completed: int) -> None:
 def _finish(run: _Run, t_start: float) -> dict:
     """The metrics, the final HF folder, then the completion marker (written last, by process 0)."""
     metrics = _metrics(run.step_log, run.data, time.time() - t_start, run.packed)
-    metrics |= perf.training_stats(run.model, run.runtime, metrics["tokens_per_s"])
     checkpoint.save_final(run.runtime, run.model, run.tokenizer, run.out_dir, run.save_dtype)
     if run.runtime.is_main:
         # the completion marker, written last
@@ -310,7 +308,6 @@ def _metrics(log: list[dict], data: TrainingSet, wall: float, packed: bool) -> d
         "tokens": tokens,
         "response_tokens": sum(e.n_response for e in data.kept),
         "tokens_per_s": tokens / step_time if step_time else None,
-        "step_time_s": step_time / len(log) if log else None,
         "padding_fraction": float(np.mean([e["padding_fraction"] for e in log])) if log else 0.0,
         "packed": packed,
         "loss_curve": [e["loss"] for e in log],
