@@ -203,3 +203,32 @@ def test_vllm_greedy_matches_transformers_fallback(vllm_sampler: Sampler, embedd
     with Sampler(embedded_model_dir, engine) as hf:
         theirs = hf.generate(QUESTIONS, n=1, sampling=greedy, stop=["."])
     assert ours == theirs
+
+
+@pytest.mark.slow
+def test_vllm_load_serves_a_fine_tune_as_a_fresh_engine(
+    vllm_sampler: Sampler, embedded_model_dir: Path, tmp_path: Path
+) -> None:
+    """Sampler.load swaps a model's weights into the running engine (the eval stage's one start for three
+    models): its samples equal a fresh engine's on that model, the tied lm-head included (issue 21: the
+    reload alone left the head on the old embeddings), and loading the first model back restores it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tuned = tmp_path / "tuned"
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1.05)  # the tied head moves with the embeddings
+        model.model.layers[0].mlp.down_proj.weight.mul_(0.9)
+    model.save_pretrained(tuned)
+    AutoTokenizer.from_pretrained(embedded_model_dir).save_pretrained(tuned)
+    sp = SamplingConfig(temperature=0.9, max_tokens=24)
+    before = vllm_sampler.generate(QUESTIONS, n=2, sampling=sp, seeds=[0, 1, 2])
+    with Sampler(tuned, vllm_sampler.engine) as fresh:
+        expected = fresh.generate(QUESTIONS, n=2, sampling=sp, seeds=[0, 1, 2])
+    vllm_sampler.load(tuned)
+    try:
+        assert vllm_sampler.generate(QUESTIONS, n=2, sampling=sp, seeds=[0, 1, 2]) == expected != before
+    finally:
+        vllm_sampler.load(embedded_model_dir)
+    assert vllm_sampler.generate(QUESTIONS, n=2, sampling=sp, seeds=[0, 1, 2]) == before

@@ -39,7 +39,7 @@ def plot(stats: pl.DataFrame, path: Path) -> None:
     labels = [_label(r) for r in rows][::-1]
     start = [r["engine_start_s"] or 0.0 for r in rows][::-1]
     work = [max(0.0, (r["seconds"] or 0.0) - (r["engine_start_s"] or 0.0)) for r in rows][::-1]
-    fig = Figure(figsize=(8, 0.45 * len(rows) + 1.5))
+    fig = Figure(figsize=(9.5, 0.45 * len(rows) + 1.5))
     ax = fig.subplots()
     ax.barh(labels, start, color="#C44E52", label="engine start")
     bars = ax.barh(labels, work, left=start, color="#4C72B0", label="work")
@@ -50,7 +50,7 @@ def plot(stats: pl.DataFrame, path: Path) -> None:
     ax.bar_label(bars, labels=rates, padding=3, fontsize=8)
     ax.set(title="Wall time per stage (shard stats)", xlabel="seconds")
     ax.set_xlim(0, max((s + w for s, w in zip(start, work, strict=True)), default=1) * 1.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, over none of them
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

