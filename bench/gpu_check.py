@@ -14,15 +14,24 @@ weights). Measures:
 - the naive full-vocabulary path (all logits, fp32 log_softmax) where it fits, and its max abs difference;
 - one SFT forward+backward (trainers.sft collate + micro_batch_loss when importable) with flex_attention
   packing and gradient checkpointing, tokens/s vs 8·params·tokens (6 + 2 for the recomputed forward).
-Prints one markdown table; exits 1 when any measurement failed other than an expected naive-path OOM.
+- the tiny recipe's torch paths (bench/gpu_recipe.py, issue 21): trainers.sft.train, tasks.score.score_rows
+  and the transformers sampler, at the embedded model's shape (`tiny`) and Qwen3-4B's (`4b`); their rates
+  go into a calibration file for `variational plan --calibrate FILE` and, with `--results`, into
+  bench/RESULTS.md (dated, with the device).
+Prints markdown tables; exits 1 when any measurement failed other than an expected naive-path OOM.
+
+    python bench/gpu_check.py --recipe-only --results   # only the recipe paths, rates into RESULTS.md
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import re
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -265,16 +274,60 @@ def check_train_step(model: torch.nn.Module, tokens: int, device: str, rate: flo
         model.set_attn_implementation(VARLEN)
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny config on CPU, small lengths")
     parser.add_argument("--no-train", action="store_true", help="skip the SFT step")
-    args = parser.parse_args()
+    parser.add_argument("--recipe", default="tiny,4b", help="shapes for the recipe paths (tiny, 4b; none)")
+    parser.add_argument("--recipe-only", action="store_true", help="only the recipe paths")
+    parser.add_argument(
+        "--calibration", type=Path, help="calibration file to write (default bench/calibration-<device>.json)"
+    )
+    parser.add_argument("--results", action="store_true", help="append the recipe table to bench/RESULTS.md")
+    return parser.parse_args(argv)
+
+
+def run_recipe(args: argparse.Namespace, device: str) -> None:
+    """The recipe paths per shape; the calibration of the largest shape measured goes to the file."""
+    from bench import gpu_recipe
+
+    shapes = ["dry"] if args.dry_run else [s for s in args.recipe.split(",") if s and s != "none"]
+    table, calibration = [], {}
+    for shape in shapes:
+        rows, cal = gpu_recipe.measure(shape, device)
+        table += rows
+        calibration = cal if cal.get("rates") else calibration
+        errors.extend(f"recipe {r[0]} ({shape}): {r[-1]}" for r in rows if r[3] == "error")
+    head = ["path", "shape", "setting", "tokens/s", "seconds", "notes"]
+    text = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
+    text += "".join("| " + " | ".join(r) + " |\n" for r in table)
+    print(f"\n### gpu_check: the recipe's torch paths ({calibration.get('device', device)})\n\n{text}")
+    if calibration:
+        name = re.sub(r"[^a-z0-9]+", "-", calibration["device"].lower()).strip("-")
+        folder = Path(tempfile.gettempdir()) if args.dry_run else REPO / "bench"  # a dry run leaves no file
+        path = args.calibration or folder / f"calibration-{name}.json"
+        path.write_text(json.dumps(calibration, indent=1) + "\n")
+        print(f"calibration: {path} (variational plan CONFIG --calibrate {path})")
+    if args.results and not args.dry_run:
+        when = time.strftime("%Y-%m-%d")
+        section = (
+            f"\n## {when} — the recipe's torch paths on {calibration.get('device', device)} "
+            f"(`bench/gpu_check.py --recipe-only --results`, random weights)\n\n{text}"
+        )
+        with open(REPO / "bench" / "RESULTS.md", "a") as fh:
+            fh.write(section)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     t_start = time.perf_counter()
     device = "cpu" if args.dry_run or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.dry_run:
         print("no CUDA device: use --dry-run on CPU", file=sys.stderr)
         return 2
+    if args.recipe_only:
+        run_recipe(args, device)
+        return finish()
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     config = Qwen3Config(**(TINY if args.dry_run else QWEN3_4B))
     lengths = [256, 512, 1024] if args.dry_run else [4096, 16384, 32768]
@@ -316,6 +369,11 @@ def main() -> int:
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
         print("| " + " | ".join(r) + " |")
+    run_recipe(args, device)
+    return finish()
+
+
+def finish() -> int:
     if errors:
         print("\nERRORS:\n" + "\n".join(errors), file=sys.stderr)
         return 1

@@ -234,6 +234,32 @@ def _plan(i: Inputs) -> pl.DataFrame:
     return pl.DataFrame({"model": models})
 
 
+class EvalSampler:
+    """The engine of the eval stage: one Sampler for every model it evaluates, opened on the first and
+    handed the next model's weights (Sampler.load: the models are fine-tunes of one base model), so three
+    models cost one engine start. Settings: engine with `eval.dtype`; prefix caching on, so the n = k
+    samples of a problem and all problems share the prefill of the system prompt (the rows are those of
+    an engine without it: bench/RESULTS.md 2026-12-04)."""
+
+    def __init__(self, i: Inputs):
+        self.config = eval_engine_config(i.conf.engine, i.conf.eval)
+        self.sampler: Sampler | None = None
+
+    def serve(self, model_dir: str) -> Sampler:
+        if self.sampler is None:
+            self.sampler = Sampler(model_dir, self.config, prefix_caching=True)
+        else:
+            self.sampler.load(model_dir)
+        return self.sampler
+
+    def counters(self) -> dict[str, Any]:
+        return self.sampler.counters() if self.sampler is not None else {}
+
+    def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.close()
+
+
 def _shard(i: Inputs, engine: Engine, part: pl.DataFrame) -> pl.DataFrame:
     model, prompts = part["model"][0], parity.eval_prompts(i.conf)
     specs = i.conf.eval.benchmarks.items()
@@ -241,9 +267,9 @@ def _shard(i: Inputs, engine: Engine, part: pl.DataFrame) -> pl.DataFrame:
         {name: load_benchmark(name, spec, prompts) for name, spec in specs}, i.conf.eval
     )
     logger().info("eval: %s on %d problems (%s prompts)", model, requests.height, prompts.frame)
-    with Sampler(i.model_dir(UPSTREAM_OF[model]), eval_engine_config(i.conf.engine, i.conf.eval)) as sampler:
-        requests = frame_prompts(requests, prompts.frame, model, sampler.tokenizer)
-        samples = generate_samples(sampler, requests, model, i.conf.eval)
+    sampler = engine.get().serve(i.model_dir(UPSTREAM_OF[model]))
+    requests = frame_prompts(requests, prompts.frame, model, sampler.tokenizer)
+    samples = generate_samples(sampler, requests, model, i.conf.eval)
     return score_eval(samples, grade_samples(samples, i.conf.verify))
 
 
@@ -274,6 +300,7 @@ EVAL = Stage(
     ),
     plan=_plan,
     shard=_shard,
+    engine=EvalSampler,
     identity=_benchmarks,
     summary=lambda i, rows: summary_markdown(summarize(rows), list(i.conf.eval.models)),
     side=lambda i, rows: {"summary": summarize(rows)},

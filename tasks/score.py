@@ -16,6 +16,7 @@ set, so n_tokens can be smaller than think_len.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -168,10 +169,14 @@ def score(
 
 # ---------------------------------------------------------------- declaration
 class Scorers:
-    """The two scoring models and their (shared) tokenizer, loaded once per stage run."""
+    """The two scoring models and their (shared) tokenizer, loaded once per stage run; counts the context
+    tokens read and the tokens scored for the shard stats (`counters`)."""
 
     def __init__(self, i: Inputs):
         from variational.engines import scoring
+
+        t0 = time.perf_counter()
+        self.tokens_in = self.tokens_out = 0
 
         loaded = {
             name: scoring.load_scorer(i.model_dir(name), compile=i.conf.score.compile) for name in (PI, Q)
@@ -183,6 +188,26 @@ class Scorers:
             raise ValueError(
                 "pi_theta0 and q_phi have different tokenizers: they must be fine-tunes of one base model"
             )
+        self.start_s = time.perf_counter() - t0
+
+    def count(self, requests: pl.DataFrame, rows: pl.DataFrame) -> None:
+        contexts = requests.select(pl.col("pi_ids").list.len().sum() + pl.col("q_ids").list.len().sum())
+        self.tokens_in += int(contexts.item() or 0)
+        self.tokens_out += int(rows["n_tokens"].sum() or 0)
+
+    def counters(self) -> dict[str, Any]:
+        device = next(iter(self.models[PI].parameters())).device if self.models else None
+        name = "cpu" if device is None or device.type == "cpu" else str(device)
+        if device is not None and device.type == "cuda":
+            import torch
+
+            name = torch.cuda.get_device_name(device)
+        return {
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "start_s": self.start_s,
+            "device": name,
+        }
 
     def close(self) -> None:
         self.models.clear()
@@ -198,7 +223,9 @@ def _plan(i: Inputs) -> pl.DataFrame:
 def _shard(i: Inputs, engine: Engine, shard: pl.DataFrame) -> pl.DataFrame:
     scorers = engine.get()
     requests = score_requests(i.table("problems"), shard, scorers.tokenizer, i.conf.posterior_template)
-    return score_rows(requests, scorers.models, i.conf.score)
+    rows = score_rows(requests, scorers.models, i.conf.score)
+    scorers.count(requests, rows)
+    return rows
 
 
 def summarize(logps: pl.DataFrame) -> str:

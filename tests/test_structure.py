@@ -46,6 +46,12 @@ TESTED_BY = {
     "variational/verifiers/math_rules.py": "tests/verifiers/test_answers.py",
     "variational/pipeline/stage.py": "tests/pipeline/test_runner.py",
     "variational/registry.py": "tests/test_structure.py",
+    "variational/analysis/figures.py": "tests/analysis/test_report.py",
+    # the command line's modules: tests/cli/test_cli.py runs every command through `main`
+    **{
+        f"variational/cli/{m}.py": "tests/cli/test_cli.py"
+        for m in ("common", "run", "store", "data", "__main__")
+    },
 }
 
 

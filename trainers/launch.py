@@ -51,7 +51,8 @@ _BOOTSTRAP = (
 def torchrun_command(
     nproc: int, nodes: int, trainer_args: list[str], rdzv_endpoint: str | None = None
 ) -> list[str]:
-    """The argv that runs `python -m trainers.sft trainer_args` as nproc processes per node.
+    """The argv that runs `python -m trainers.sft trainer_args` as nproc processes per node (through
+    trainers.perf, which also writes each process's peak memory for the metrics).
 
     One node: --standalone (a private rendezvous on a free local port). Several: a c10d rendezvous at
     `rdzv_endpoint` (host:port), and the same command must run on every node."""
@@ -62,7 +63,7 @@ def torchrun_command(
         if not rdzv_endpoint:
             raise ValueError(f"nodes={nodes}: set VARIATIONAL_RDZV_ENDPOINT=host:port (node 0's address)")
         cmd += ["--nnodes", str(nodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint]
-    return [*cmd, "-m", "trainers.sft", *trainer_args]
+    return [*cmd, "-m", "trainers.perf", *trainer_args]  # trainers.sft.main, its peak memory recorded
 
 
 def child_env(nproc: int) -> dict[str, str]:
@@ -123,7 +124,7 @@ def launch(
     log: logging.Logger | logging.LoggerAdapter = logger,
 ) -> dict:
     """Train under torchrun with `nproc` processes per node; resumes from out_dir's checkpoints."""
-    from trainers import sft  # here, not at the top: importing the stage modules must not load torch
+    from trainers import perf, sft  # here, not at the top: importing the stage modules must not load torch
 
     out_dir = Path(out_dir)
     if (out_dir / sft.METRICS).exists():
@@ -136,9 +137,11 @@ def launch(
     args += ["--train-config", str(work / "train_config.json")]
     cmd = torchrun_command(nproc, cfg.nodes, args, os.environ.get("VARIATIONAL_RDZV_ENDPOINT"))
     log.info("sft: %d processes x %d node(s): %s", nproc, cfg.nodes, shlex.join(cmd[:2] + ["…"] + cmd[3:]))
-    stream(cmd, log, child_env(nproc))
+    stream(cmd, log, child_env(nproc) | {perf.PEAK_DIR_ENV: str(work)})
+    metrics = json.loads((out_dir / sft.METRICS).read_text())
+    metrics = perf.complete(out_dir, metrics, nproc * cfg.nodes, _precision(cfg), perf.children_peak(work))
     shutil.rmtree(work, ignore_errors=True)
-    return json.loads((out_dir / sft.METRICS).read_text())
+    return metrics
 
 
 def run_training(
@@ -149,10 +152,24 @@ def run_training(
     log: logging.Logger | logging.LoggerAdapter = logger,
 ) -> dict:
     """trainers.sft.train in this process when cfg asks for one process on one node, else under torchrun."""
-    from trainers import sft  # here, not at the top: importing the stage modules must not load torch
+    from trainers import perf, sft  # here, not at the top: importing the stage modules must not load torch
     from trainers.distributed import resolve_processes
 
     nproc = resolve_processes(cfg.num_processes)
+    if (Path(out_dir) / sft.METRICS).exists():  # trained already: its metrics as they were recorded
+        return json.loads((Path(out_dir) / sft.METRICS).read_text())
     if nproc == 1 and cfg.nodes == 1:
-        return sft.train(model_dir, examples, cfg, out_dir, log=log)
+        device = perf.training_device()
+        perf.reset_peak(device)
+        metrics = sft.train(model_dir, examples, cfg, out_dir, log=log)
+        return perf.complete(out_dir, metrics, 1, _precision(cfg), perf.peak_memory_gib(device))
     return launch(model_dir, examples, cfg, out_dir, nproc, log)
+
+
+def _precision(cfg: TrainConfig) -> str:
+    """The precision the trainer picks for cfg.mixed_precision here (trainers/distributed.py)."""
+    from trainers import distributed
+
+    cuda = distributed.torch.cuda.is_available()
+    native = distributed.torch.cuda.is_bf16_supported() if cuda else distributed.cpu_has_native_bf16()
+    return distributed.choose_precision(cfg.mixed_precision, cuda, native)[0]

@@ -20,7 +20,8 @@ import yaml
 from hubserver import HubServer
 
 from variational.analysis.export import ExportError, Request, copy_model, export, plain_type
-from variational.cli import _dag_steps, main
+from variational.cli import main
+from variational.cli.store import dag_steps
 from variational.pipeline.runs import run_stages
 from variational.pipeline.store import DamagedStage, read_stage
 
@@ -43,7 +44,7 @@ def run_root(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
 
 @pytest.fixture(scope="module")
 def steps(run_root: Path) -> list:
-    return _dag_steps(str(run_root), RUN)
+    return dag_steps(str(run_root), RUN)
 
 
 @pytest.fixture

@@ -109,7 +109,9 @@ def test_saved_queries_that_need_absent_tables_fail_clearly_and_the_rest_run(roo
         66,
         66,
     )
-    with pytest.raises(ValueError, match="(?s)verdicts.*has the tables \\['problems', 'run_stages'\\]"):
+    with pytest.raises(
+        ValueError, match="(?s)verdicts.*has the tables \\['problems', 'run_stages', 'shard_stats'\\]"
+    ):
         sqlview.run_sql(root, RUN, "accuracy_by_source")
 
 

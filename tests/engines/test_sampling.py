@@ -84,6 +84,44 @@ def test_fallback_prompt_too_long_gets_empty_length(tiny_model_dir: Path) -> Non
     assert all(c.finish_reason == "length" and 0 < c.n_tokens <= 64 for c in out[1])
 
 
+def test_counters_add_up_the_prompt_and_generated_tokens(tiny_model_dir: Path) -> None:
+    with Sampler(tiny_model_dir, HF) as sampler:
+        assert sampler.counters()["tokens_in"] == 0 and sampler.counters()["start_s"] > 0
+        out = sampler.generate(PROMPTS, n=3, sampling=SamplingConfig(max_tokens=5), seeds=[1, 2])
+        got = sampler.counters()
+    prompt_tokens = sum(len(ids) for ids in sampler.tokenizer(PROMPTS)["input_ids"])
+    assert got["tokens_in"] == prompt_tokens  # a prompt of n samples counts once
+    assert got["tokens_out"] == sum(c.n_tokens for comps in out for c in comps) == 2 * 3 * 5
+    assert got["device"] == "cpu"
+
+
+def test_load_serves_another_fine_tune_as_a_fresh_engine_would(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A model of the same architecture and tokenizer gets its weights swapped in (one start); its samples
+    equal those of a sampler opened on it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    other = tmp_path / "tuned"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)  # other weights, same shapes
+    model.save_pretrained(other)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
+    sp = SamplingConfig(temperature=1.0, max_tokens=6)
+    with Sampler(other, HF) as fresh:
+        expected = fresh.generate(PROMPTS, n=2, sampling=sp, seeds=[5, 6])
+    with Sampler(tiny_model_dir, HF) as sampler:
+        before = sampler.generate(PROMPTS, n=2, sampling=sp, seeds=[5, 6])
+        started = sampler.start_s
+        sampler.load(other)
+        swapped = sampler.generate(PROMPTS, n=2, sampling=sp, seeds=[5, 6])
+        assert sampler.model_dir == str(other) and sampler.start_s > started  # the swap counts as start time
+    assert swapped == expected and swapped != before
+
+
 def test_generate_checks_seeds(tiny: Sampler) -> None:
     with pytest.raises(ValueError, match="one seed per prompt"):
         tiny.generate(PROMPTS, n=1, sampling=SamplingConfig(max_tokens=2), seeds=[1])
@@ -165,3 +203,32 @@ def test_vllm_greedy_matches_transformers_fallback(vllm_sampler: Sampler, embedd
     with Sampler(embedded_model_dir, engine) as hf:
         theirs = hf.generate(QUESTIONS, n=1, sampling=greedy, stop=["."])
     assert ours == theirs
+
+
+@pytest.mark.slow
+def test_vllm_load_serves_a_fine_tune_as_a_fresh_engine(
+    vllm_sampler: Sampler, embedded_model_dir: Path, tmp_path: Path
+) -> None:
+    """Sampler.load swaps a model's weights into the running engine (the eval stage's one start for three
+    models): its samples equal a fresh engine's on that model, the tied lm-head included (issue 21: the
+    reload alone left the head on the old embeddings), and loading the first model back restores it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tuned = tmp_path / "tuned"
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1.05)  # the tied head moves with the embeddings
+        model.model.layers[0].mlp.down_proj.weight.mul_(0.9)
+    model.save_pretrained(tuned)
+    AutoTokenizer.from_pretrained(embedded_model_dir).save_pretrained(tuned)
+    sp = SamplingConfig(temperature=0.9, max_tokens=24)
+    before = vllm_sampler.generate(QUESTIONS, n=2, sampling=sp, seeds=[0, 1, 2])
+    with Sampler(tuned, vllm_sampler.engine) as fresh:
+        expected = fresh.generate(QUESTIONS, n=2, sampling=sp, seeds=[0, 1, 2])
+    vllm_sampler.load(tuned)
+    try:
+        assert vllm_sampler.generate(QUESTIONS, n=2, sampling=sp, seeds=[0, 1, 2]) == expected != before
+    finally:
+        vllm_sampler.load(embedded_model_dir)
+    assert vllm_sampler.generate(QUESTIONS, n=2, sampling=sp, seeds=[0, 1, 2]) == before

@@ -133,6 +133,30 @@ def test_tiny_end_to_end(run_a: Path) -> None:
     assert (run_a / "tiny" / "report" / "report.md").exists()
 
 
+def test_shard_stats_and_a_console_a_person_can_read(run_a: Path) -> None:
+    """Issue 21: every computed stage has stats (engine stages: tokens and an engine start, fine-tunes:
+    tokens/s and step time, verification: rows); the console holds the flow's lines (progress with an ETA),
+    the run's log file the engine's."""
+    from variational.analysis.sql import run_sql
+
+    stats = run_sql(run_a, "tiny", "SELECT * FROM shard_stats")
+    by_stage = {s: stats.filter(pl.col("stage") == s) for s in stats["stage"].unique()}
+    assert set(ROUND_ONE) <= set(by_stage), sorted(by_stage)
+    for name in ("posterior_samples", "logps", "rollouts", "eval"):
+        rows = by_stage[name]
+        assert (rows["tokens_in"] > 0).all() and (rows["tokens_out"] > 0).all(), name
+        assert rows.filter(pl.col("shard") == 0)["engine_start_s"].item() > 0, name
+        assert set(rows["device"]) == {"cpu"} and rows["host"].null_count() == 0, name
+    for name in ("pi_theta0", "q_phi", "pi_theta"):
+        row = by_stage[name].row(0, named=True)
+        assert row["tokens_per_s"] > 0 and row["step_time_s"] > 0 and row["peak_memory_gib"] > 0, name
+    assert by_stage["verdicts"]["rows_out"].sum() == table(run_a, "verdicts").height
+    console = next(run_a.glob("log-*.txt")).read_text()
+    assert "shards; ETA" in console and "Processed prompts" not in console and "EngineCore" not in console
+    logs = [p.read_text() for p in (run_a / "tiny" / "logs").glob("run-*.log")]
+    assert any("Processed prompts" in text for text in logs)  # vLLM's progress bars: in the file only
+
+
 def test_show_one_question_of_the_tiny_run(run_a: Path) -> None:
     """`variational show` on the real run: the JSON agrees with the weights, verdicts and train tables of its
     question, and the text fits a 100-column terminal. The tiny run's `contamination` table is empty."""

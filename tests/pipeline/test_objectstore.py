@@ -237,6 +237,8 @@ def test_the_toy_flow_on_s3_computes_then_reuses_everything(
     assert set(root.listdir(f"toy/rollouts/{refs['rollouts']['fingerprint']}")) == {
         *(f"part-0000{i}.parquet" for i in range(4)),
         "manifest.json",
+        "shard_stats.parquet",
+        "stats",  # each shard's stats record (variational/pipeline/shardstats.py)
     }  # the lease was released, nothing else was left
     model_rel = f"toy/pi_theta0/{refs['pi_theta0']['fingerprint']}/model"
     assert root.listdir(model_rel) == {"config.json": "file", "weights.bin": "file"}
@@ -382,7 +384,7 @@ def test_a_stop_mid_shard_then_the_rerun_redoes_only_that_shard(
     root = open_root(s3_root)
     names = {n for fp in root.listdir("raytoy/rollouts") for n in root.listdir(f"raytoy/rollouts/{fp}")}
     lease = {".lock"} if sig == "SIGKILL" else set()
-    assert names == {f"part-0000{i}.parquet" for i in range(5)} | lease, names
+    assert names == {f"part-0000{i}.parquet" for i in range(5)} | lease | {"stats"}, names
     cfg = parse_config({**raytoy.config(s3_root), "executor": {"kind": "local"}}).model_dump(mode="json")
     numbers = runner.run_stage(raytoy.NUMBERS, cfg, {})
     out = runner.run_stage(raytoy.MULTIPLIED, cfg, {"numbers": numbers})

@@ -258,7 +258,7 @@ def test_manifest_lists_every_file_with_size_and_hash(tmp_path: Path) -> None:
     numbers, _ = _pipeline(_cfg(tmp_path))
     manifest = json.loads((tmp_path / numbers["path"] / "manifest.json").read_text())
     names = [f["file"] for f in manifest["files"]]
-    assert names == ["part-00000.parquet", "rejects.parquet"]
+    assert names == ["part-00000.parquet", "rejects.parquet", "shard_stats.parquet"]
     for f in manifest["files"]:
         path = tmp_path / numbers["path"] / f["file"]
         assert f["bytes"] == path.stat().st_size and f["sha256"] == store.file_sha256(path)

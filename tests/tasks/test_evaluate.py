@@ -270,3 +270,40 @@ def test_evaluate_task_end_to_end(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert set(summary["grader"]) == {"strict", "official"}
     # a finished stage is reused, not recomputed
     assert run_stage(ev.EVAL, cfg, up) == manifest
+
+
+def test_eval_engine_serves_each_model_as_a_fresh_sampler_would(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The stage's engine (EvalSampler): the second model's samples equal those of a sampler opened on it,
+    and the counters add up over both models for the shard stats."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from variational.engines.sampling import Sampler
+
+    tuned = tmp_path / "tuned"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    model.save_pretrained(tuned)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tuned)
+    engine = EngineConfig(backend="transformers", dtype="float32", max_model_len=512)
+    cfg = EvalConfig(benchmarks={"a": BenchmarkConfig(path="x", k=2)}, sampling={"max_tokens": 6, "seed": 3})
+    requests = ev.build_eval_requests({"a": problems_frame(["1", "2"], ["P1", "P2"], [["1"], ["2"]])}, cfg)
+    with Sampler(tuned, engine) as fresh:
+        expected = ev.generate_samples(fresh, requests, "pi_theta", cfg)
+    conf = RunConfig(
+        name="ev", data_root=str(tmp_path), base_model=str(tiny_model_dir), engine=engine, eval=cfg
+    )
+    from variational.pipeline.stage import Inputs
+
+    evals = ev.EvalSampler(Inputs(ev.EVAL, conf, {}, 1))
+    try:
+        first = ev.generate_samples(evals.serve(str(tiny_model_dir)), requests, "base", cfg)
+        second = ev.generate_samples(evals.serve(str(tuned)), requests, "pi_theta", cfg)
+        counters = evals.counters()
+    finally:
+        evals.close()
+    assert second.equals(expected) and not second["text"].equals(first["text"])
+    assert counters["tokens_out"] == int(first["n_tokens"].sum() + second["n_tokens"].sum())
+    assert counters["tokens_in"] > 0 and counters["start_s"] > 0 and counters["device"] == "cpu"

@@ -382,7 +382,11 @@ def test_problems_stage_on_the_embedded_set(tmp_path: Path) -> None:
     cfg = load_config("tiny", [f"data_root={tmp_path}", "data.limit=5"]).model_dump(mode="json")
     ref = run_stage(PROBLEMS, cfg, {})
     assert ref["rows"] == 5 and ref["rows_in"] == 5
-    assert [f["file"] for f in ref["files"]] == ["part-00000.parquet", "rejects.parquet"]
+    assert [f["file"] for f in ref["files"]] == [
+        "part-00000.parquet",
+        "rejects.parquet",
+        "shard_stats.parquet",
+    ]
     assert run_stage(PROBLEMS, cfg, {}) == ref
 
 

@@ -116,6 +116,7 @@ def test_two_processes_fsdp_equal_one(tiny_model_dir: Path, tmp_path: Path) -> N
     base = trained_weights(Path(tiny_model_dir))
     assert not torch.equal(base["model.norm.weight"], b["model.norm.weight"])  # it did train
     assert not (tmp_path / ".two.launch").exists()  # the launcher's work folder is gone
+    assert two["processes"] == 2 and two["peak_memory_gib"] > 0  # the children's peak (trainers/perf.py)
 
     # a run killed with 1 process resumes with 2: DCP reshards the checkpoint
     df = literal_rows(12)

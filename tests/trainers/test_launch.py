@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_torchrun_command() -> None:
     cmd = launch.torchrun_command(4, 1, ["--out", "o"])
     assert cmd[:2] == [sys.executable, "-c"] and cmd[3] == str(os.getpid())
-    assert cmd[4:] == ["--nproc-per-node", "4", "--standalone", "-m", "trainers.sft", "--out", "o"]
+    assert cmd[4:] == ["--nproc-per-node", "4", "--standalone", "-m", "trainers.perf", "--out", "o"]
     multi = launch.torchrun_command(8, 2, [], rdzv_endpoint="node0:29400")
     assert (
         multi[multi.index("--nnodes") + 1] == "2"

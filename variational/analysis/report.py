@@ -26,6 +26,8 @@ import polars as pl
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from variational.analysis import throughput
+from variational.analysis.figures import COLORS, md_table, save_plot
 from variational.analysis.metrics import MODELS, VERDICT_COLUMNS, summarize, summary_markdown
 from variational.analysis.sql import connect, unreadable_stages
 from variational.pipeline.orchestration import publish_markdown
@@ -54,7 +56,6 @@ COLUMNS: dict[str, list[str]] = {
     "contamination": ["prompt_idx", "benchmark", "problem_id", "field", "n", "overlap", "ngram"],
     "clean_problems": ["prompt_idx"],
 }
-COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3")
 
 
 # ---------------------------------------------------------------- reading
@@ -87,22 +88,6 @@ def load_tables(con: duckdb.DuckDBPyConnection) -> Tables:
 
 
 # ---------------------------------------------------------------- small helpers
-
-
-def md_table(df: pl.DataFrame, floats: str = "{:.3f}") -> str:
-    def cell(v: object) -> str:
-        if v is None:
-            return "—"
-        return floats.format(v) if isinstance(v, float) else str(v)
-
-    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * df.width + "\n"
-    return head + "".join("| " + " | ".join(cell(v) for v in row) + " |\n" for row in df.iter_rows())
-
-
-def _save(fig: Figure, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return f"![{path.stem}]({path.name})\n"
 
 
 def source_group(col: str = "source") -> pl.Expr:
@@ -173,7 +158,7 @@ def section_weights(t: dict[str, pl.DataFrame], out: Path) -> str:
     for ax in (ax1, ax2):
         ax.legend(title="estimator")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    img = _save(fig, out / "rho_tilde.png")
+    img = save_plot(fig, out / "rho_tilde.png")
     return (
         f"{img}\nESS = 1/Σρ̃² over a question's eligible traces: 1 means one trace carries all the weight, "
         f"K={k_max} means uniform weights.\n\n{md_table(stats)}"
@@ -216,9 +201,7 @@ def section_accuracy(t: dict[str, pl.DataFrame], out: Path) -> str:
         ylabel="accuracy (%)",
     )
     ax.set_ylim(0, 105)
-    return (
-        f"{unsandboxed_warning(t['verdicts'])}{_save(fig, out / 'rollout_accuracy.png')}\n{md_table(stats)}"
-    )
+    return f"{unsandboxed_warning(t['verdicts'])}{save_plot(fig, out / 'rollout_accuracy.png')}\n{md_table(stats)}"
 
 
 def _think_chars(t: dict[str, pl.DataFrame]) -> pl.DataFrame:
@@ -267,7 +250,7 @@ def section_think_length(t: dict[str, pl.DataFrame], out: Path) -> str:
         tl = t["posterior_samples"]["think_len"]
         tokens = f"\nq_φ think length in tokens: median {tl.median():.0f}, max {tl.max()}.\n"
     note = "Both series in characters (reference traces have no token counts in `problems`).\n\n"
-    return f"{_save(fig, out / 'think_length.png')}\n{note}{md_table(stats, '{:.0f}')}{tokens}"
+    return f"{save_plot(fig, out / 'think_length.png')}\n{note}{md_table(stats, '{:.0f}')}{tokens}"
 
 
 def leak_flags(thinks: pl.DataFrame, think_col: str) -> pl.DataFrame:
@@ -335,7 +318,7 @@ def section_leakage(t: dict[str, pl.DataFrame], out: Path) -> str:
     ax.set_ylim(0, 100)
     ax.legend()
     lines = "".join(f"- {r['who']}: **{100 * r['rate']:.1f}%**\n" for r in overall.iter_rows(named=True))
-    return f"{_save(fig, out / 'hint_leakage.png')}\n{lines}\n{md_table(stats)}"
+    return f"{save_plot(fig, out / 'hint_leakage.png')}\n{lines}\n{md_table(stats)}"
 
 
 def origin_label(origin: int) -> str:
@@ -364,7 +347,7 @@ def section_selection(t: dict[str, pl.DataFrame], out: Path) -> str:
     )
     ax.set_ylabel("rows (count)")
     table = counts.with_columns(origin=pl.Series(labels))
-    return f"{_save(fig, out / 'selection_origins.png')}\n{md_table(table)}"
+    return f"{save_plot(fig, out / 'selection_origins.png')}\n{md_table(table)}"
 
 
 def section_eval(t: dict[str, pl.DataFrame], out: Path) -> str:
@@ -399,7 +382,7 @@ def section_eval(t: dict[str, pl.DataFrame], out: Path) -> str:
     ax.set_ylabel("avg@k accuracy (%)")
     ax.set_ylim(0, 100)
     ax.legend(title="model, grader", fontsize="small")
-    return f"{_save(fig, out / 'eval_avg.png')}\n{summary_markdown(summary, models)}"
+    return f"{save_plot(fig, out / 'eval_avg.png')}\n{summary_markdown(summary, models)}"
 
 
 def section_contamination(t: dict[str, pl.DataFrame], out: Path) -> str:
@@ -432,7 +415,7 @@ def section_contamination(t: dict[str, pl.DataFrame], out: Path) -> str:
     )
     rows = found["prompt_idx"].n_unique()
     return (
-        f"{_save(fig, out / 'contamination.png')}\n{dropped}**{rows}** training rows hold enough of a benchmark "
+        f"{save_plot(fig, out / 'contamination.png')}\n{dropped}**{rows}** training rows hold enough of a benchmark "
         f"problem's word n-grams (data.decontamination.min_overlap; table `contamination`).\n\n{md_table(per)}\n"
         f"Largest overlaps:\n\n{md_table(top, '{:.2f}')}"
     )
@@ -473,6 +456,7 @@ def write_report(data_root: str | Path, run: str, out_dir: str | Path | None = N
         f"Data root `{absolute_root(data_root)}`; plots are PNGs in `{out}`.\n",
     ]
     parts.append("## Stages\n\n" + md_table(stages))
+    parts.append(f"## Throughput\n\n{throughput.section_throughput(throughput.summary(con), out)}")
     for title, fn in SECTIONS:
         parts.append(f"## {title}\n\n{fn(tables, out)}")
     path = out / "report.md"

@@ -34,6 +34,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from variational.pipeline import shardstats
 from variational.pipeline.runs import recorded_stages, run_folder, run_names, unrecorded_folders
 from variational.pipeline.storage import open_root
 from variational.pipeline.store import CorruptRecord
@@ -69,7 +70,7 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _files_sql(files: list[Path]) -> str:
+def _files_sql(files: list[Path | str]) -> str:
     return "[" + ", ".join(_sql_string(str(f)) for f in files) + "]"
 
 
@@ -106,6 +107,7 @@ def connect(data_root: str | Path, run: str, memory: int | None = None) -> duckd
     readable = [run_folder(data_root, run)]
     meta: list[dict[str, Any]] = []
     sides: dict[str, Path | str] = {}  # side tables: eval_summary, problems_rejects
+    stats: list[Path | str] = []  # every stage's shard_stats.parquet: one `shard_stats` view
     parts: dict[str, list[tuple[int, str]]] = {}
     for rec in recorded_stages(data_root, run):
         table = TABLE_OF.get(rec.stage, rec.stage)
@@ -114,7 +116,11 @@ def connect(data_root: str | Path, run: str, memory: int | None = None) -> duckd
             status = f"unreadable: {rec.problem}"
         else:
             readable.append(rec.folder)
-            sides.update({f"{table}_{PurePosixPath(str(p)).stem}": p for p in rec.sides})
+            for side in rec.sides:
+                if (stem := PurePosixPath(str(side)).stem) == shardstats.SIDE_TABLE:
+                    stats.append(side)
+                else:
+                    sides[f"{table}_{stem}"] = side
         if rec.parts:
             scan = f"read_parquet({_files_sql(rec.parts)}, union_by_name=true)"
             try:
@@ -142,8 +148,20 @@ def connect(data_root: str | Path, run: str, memory: int | None = None) -> duckd
         with contextlib.suppress(duckdb.Error):
             con.execute(f"CREATE VIEW {_quote(name)} AS SELECT * FROM read_parquet({_sql_string(str(path))})")
     con.register(META_VIEW, pl.DataFrame(meta, schema=_META_SCHEMA))
+    _shard_stats_view(con, stats)
     _lock_down(con, readable, memory or default_memory())
     return con
+
+
+def _shard_stats_view(con: duckdb.DuckDBPyConnection, files: list[Path | str]) -> None:
+    """`shard_stats`: what each shard of each stage cost (variational/pipeline/shardstats.py), empty with
+    its columns when no stage recorded any (runs of earlier releases)."""
+    with contextlib.suppress(duckdb.Error):
+        if files:
+            scan = f"read_parquet({_files_sql(files)}, union_by_name=true)"
+            con.execute(f"CREATE VIEW {shardstats.SIDE_TABLE} AS SELECT * FROM {scan}")
+            return
+    con.register(shardstats.SIDE_TABLE, shardstats.frame([]))
 
 
 def _lock_down(con: duckdb.DuckDBPyConnection, readable: list[Path | str], memory: int) -> None:

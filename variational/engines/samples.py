@@ -95,6 +95,8 @@ def think_counter(sampler: sampling.Sampler) -> Callable[[str], int]:
     return lambda think: len(scoring.encode_think(sampler.tokenizer, think))
 
 
-def open_sampler(model: str, *, prefix_caching: bool = False) -> Callable[[Any], sampling.Sampler]:
-    """The engine opener of a sampling stage: vLLM (or the transformers fallback) on upstream `model`."""
+def open_sampler(model: str, *, prefix_caching: bool = True) -> Callable[[Any], sampling.Sampler]:
+    """The engine opener of a sampling stage: vLLM (or the transformers fallback) on upstream `model`.
+    Prefix caching on: the n samples of a request, and requests with one system prompt, prefill it once;
+    the rows equal those of an engine without it (bench/RESULTS.md 2026-12-04)."""
     return lambda i: sampling.Sampler(i.model_dir(model), i.conf.engine, prefix_caching=prefix_caching)

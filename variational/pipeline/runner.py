@@ -16,7 +16,6 @@ import contextlib
 import contextvars
 import math
 import socket
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,9 +24,10 @@ import polars as pl
 
 from variational import shutdown
 from variational.config import RunConfig, load_config
-from variational.pipeline import orchestration
+from variational.pipeline import orchestration, shardstats
 from variational.pipeline.fingerprint import stage_fingerprint
 from variational.pipeline.orchestration import logger
+from variational.pipeline.progress import StageProgress
 from variational.pipeline.runs import begin_run, record_stage, writable
 from variational.pipeline.stage import Engine, Inputs, Output, Ref, Stage
 from variational.pipeline.storage import absolute_root, is_url, open_root
@@ -106,11 +106,16 @@ def _compute(stage: Stage, inputs: Inputs, store: StageStore) -> Ref:
         _write_table(store, examples)
         logger().info("%s: %d examples -> %s", stage.name, examples.height, store.model_dir)
         extra.update(stage.train(inputs, examples, store.model_dir))  # metrics, summary
+        if isinstance(metrics := extra.get("metrics"), dict):  # the stats of a model stage: its training
+            shardstats.write_record(
+                store, shardstats.training_record(stage.name, inputs.round, metrics, rows_in)
+            )
     elif stage.plan:
         items = stage.plan(inputs)
         rows_in = items.height
         run_shards(stage, inputs, store, items)
     else:
+        meter = shardstats.ShardMeter()
         out = stage.core(inputs)
         out = out if isinstance(out, Output) else Output(out)
         rows_in = None
@@ -118,6 +123,8 @@ def _compute(stage: Stage, inputs: Inputs, store: StageStore) -> Ref:
         for name, frame in out.side.items():
             store.write_side(name, frame)
         side, extra = tuple(f"{n}.parquet" for n in out.side), dict(out.meta)
+        record = meter.record(stage.name, inputs.round, 0, None, out.table.height, shardstats.worker_name())
+        shardstats.write_record(store, record)
     extra.setdefault("rows_in", rows_in)
     if stage.summary or stage.side:
         table = store.read()
@@ -125,6 +132,10 @@ def _compute(stage: Stage, inputs: Inputs, store: StageStore) -> Ref:
         for name, frame in (stage.side(inputs, table) if stage.side else {}).items():
             store.write_side(name, frame)
             side += (f"{name}.parquet",)
+    stats = shardstats.gather(store, store.shard_files())
+    if stats.height:  # beside the table, never in it: the stage's rows do not change
+        store.write_side(shardstats.SIDE_TABLE, stats)
+        side += (f"{shardstats.SIDE_TABLE}.parquet",)
     return store.finish(round_=inputs.round, extra_files=side, **extra)
 
 
@@ -155,12 +166,18 @@ def run_shards(stage: Stage, inputs: Inputs, store: StageStore, items: pl.DataFr
     size = _shard_size(stage, inputs)
     n = shard_count(items, size)
     pending = [i for i in range(n) if not store.has_shard(i)]
+    for i in pending:  # the record of a shard set aside or never finished is not this run's
+        shardstats.remove_record(store, i)
     if len(pending) < n:
         logger().info("%s: %d/%d shards already done, resuming", stage.name, n - len(pending), n)
-    if pending and inputs.run_config.executor.kind == "ray":
-        _run_groups(stage, inputs, store, pending)
     else:
-        compute_shards(stage, inputs, store, items, size, n, pending)
+        logger().info("%s: computing %d shards of %d items", stage.name, n, items.height)
+    done = [i for i in range(n) if i not in pending]
+    if pending and inputs.run_config.executor.kind == "ray":
+        _run_groups(stage, inputs, store, pending, done)
+    else:
+        progress = StageProgress(stage.name, n, done, logger(), round_=inputs.round)
+        compute_shards(stage, inputs, store, items, size, n, pending, progress=progress)
     if missing := [i for i in range(n) if not store.has_shard(i)]:  # never a manifest over a partial table
         raise RuntimeError(
             f"{stage.name}: shards {missing} of {n} are missing in {store.dir} after every worker returned; "
@@ -168,7 +185,7 @@ def run_shards(stage: Stage, inputs: Inputs, store: StageStore, items: pl.DataFr
         )
 
 
-def _run_groups(stage: Stage, inputs: Inputs, store: StageStore, pending: list[int]) -> None:
+def _run_groups(stage: Stage, inputs: Inputs, store: StageStore, pending: list[int], done: list[int]) -> None:
     from variational.pipeline import executor
 
     conf = inputs.run_config
@@ -181,10 +198,11 @@ def _run_groups(stage: Stage, inputs: Inputs, store: StageStore, pending: list[i
     with orchestration.ray_remote_options(**options):
         for g, ids in enumerate(groups):
             name = f"{stage.name}[group {g + 1}/{len(groups)}]"
-            args = (stage, cfg, inputs.refs, inputs.round, ids, store.fp)
+            args = (stage, cfg, inputs.refs, inputs.round, ids, store.fp, f"ray group {g + 1}/{len(groups)}")
             futures.append(orchestration.task_in_run(compute_group, name).submit(*args))
-    try:
-        executor.wait_all(futures)  # the first worker's error, or a stop, ends the wait
+    progress = StageProgress(stage.name, len(pending) + len(done), done, logger(), len(groups), inputs.round)
+    try:  # the first worker's error, or a stop, ends the wait; the records workers write show progress
+        executor.wait_all(futures, on_poll=lambda: progress.refresh(store, pending))
     except BaseException:
         executor.cancel(futures)  # the other groups stop too: a rerun redoes only missing shards
         raise
@@ -199,28 +217,47 @@ def compute_shards(
     n: int,
     ids: list[int],
     as_tasks: bool = True,
+    progress: StageProgress | None = None,
+    worker: str = "local",
 ) -> None:
     """Compute and write the shards `ids` with one engine in this process, each shard a task run
-    `<stage>[i/n]` (in a Ray worker the group is the task run; its shards are logged)."""
+    `<stage>[i/n]` (in a Ray worker the group is the task run; its shards are logged), each with its stats
+    record; `progress` (the flow's, local executor) is advanced as each shard finishes."""
     engine = Engine(stage.engine, inputs)
     try:
         for i in ids:
             shutdown.check()  # a stop request abandons the next shard, never half a file
             name = f"{stage.name}[{i + 1}/{n}]"
             run_one = orchestration.task_in_run(compute_one, name) if as_tasks else compute_one
-            run_one(stage, inputs, store, engine, items.slice(i * size, size), i)
+            record = run_one(stage, inputs, store, engine, items.slice(i * size, size), i, worker)
+            if progress is not None:
+                progress.advance(record)
+            else:
+                logger().info(
+                    "%s: shard %d, %d rows in %.1fs", stage.name, i, record["rows_out"], record["seconds"]
+                )
     finally:
         engine.close()
 
 
 def compute_one(
-    stage: Stage, inputs: Inputs, store: StageStore, engine: Engine, items: pl.DataFrame, i: int
-) -> int:
-    t0 = time.perf_counter()
+    stage: Stage,
+    inputs: Inputs,
+    store: StageStore,
+    engine: Engine,
+    items: pl.DataFrame,
+    i: int,
+    worker: str = "local",
+) -> dict[str, Any]:
+    """One shard: computed, written, then its stats record beside it (the record of a written shard)."""
+    meter = shardstats.ShardMeter(engine)
     out = stage.shard(inputs, engine, items)
     store.write_shard(i, out)
-    logger().info("%s: shard %d, %d rows in %.1fs", stage.name, i, out.height, time.perf_counter() - t0)
-    return out.height
+    record = meter.record(
+        stage.name, inputs.round, i, items.height, out.height, shardstats.worker_name(worker)
+    )
+    shardstats.write_record(store, record)
+    return record
 
 
 class CodeMismatch(RuntimeError):
@@ -228,7 +265,13 @@ class CodeMismatch(RuntimeError):
 
 
 def compute_group(
-    stage: Stage, cfg: dict, refs: dict[str, Ref], round_: int, ids: list[int], fingerprint: str
+    stage: Stage,
+    cfg: dict,
+    refs: dict[str, Ref],
+    round_: int,
+    ids: list[int],
+    fingerprint: str,
+    worker: str = "ray",
 ) -> int:
     """A Ray worker's share of a stage: plan again (cheap, deterministic), open one engine, write `ids`.
     A worker killed mid-shard loses only that shard: the others are written, atomically, one by one, and
@@ -246,7 +289,8 @@ def compute_group(
     items = stage.plan(inputs)
     size = _shard_size(stage, inputs)
     todo = [i for i in ids if not store.has_shard(i)]
-    compute_shards(stage, inputs, store, items, size, shard_count(items, size), todo, as_tasks=False)
+    n = shard_count(items, size)
+    compute_shards(stage, inputs, store, items, size, n, todo, as_tasks=False, worker=worker)
     return len(ids)
 
 

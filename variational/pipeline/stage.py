@@ -13,6 +13,7 @@ raises, so a stage cannot depend on a setting its fingerprint ignores.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,17 +122,30 @@ class Inputs:
 
 
 class Engine:
-    """Opens the stage's engine on first use, so a fully resumed stage starts none; close() is idempotent."""
+    """Opens the stage's engine on first use, so a fully resumed stage starts none; close() is idempotent.
+
+    The engine object may expose `counters()` (cumulative tokens_in, tokens_out, start_s, device: see
+    variational/pipeline/shardstats.py); the runner reads them around each shard for its stats record."""
 
     def __init__(self, open_: Callable[[Inputs], Any] | None, inputs: Inputs):
         self._open, self._inputs, self._engine = open_, inputs, None
+        self.open_s = 0.0  # seconds spent opening the engine (its start, when it reports none itself)
 
     def get(self) -> Any:
         if self._engine is None:
             if self._open is None:
                 raise RuntimeError(f"stage {self._inputs.stage.name!r} declares no engine")
+            t0 = time.perf_counter()
             self._engine = self._open(self._inputs)
+            self.open_s += time.perf_counter() - t0
         return self._engine
+
+    def counters(self) -> dict[str, Any]:
+        """What the engine has done since it opened: its own counters() and `open_s`; {} while closed."""
+        if self._engine is None:
+            return {}
+        own = getattr(self._engine, "counters", None)
+        return {"open_s": self.open_s, **(own() if callable(own) else {})}
 
     def close(self) -> None:
         if self._engine is not None:
