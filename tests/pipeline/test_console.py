@@ -4,6 +4,7 @@ only; `verbose` shows everything and still writes the file; the descriptors come
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -69,6 +70,23 @@ def test_verbose_shows_everything_and_still_writes_the_file(tmp_path: Path) -> N
 def test_log_path_is_in_the_run_folder(tmp_path: Path) -> None:
     path = log_path(tmp_path, "tiny")
     assert path.parent == tmp_path / "tiny" / "logs" and path.name.startswith("run-")
+
+
+def test_log_path_of_a_read_only_root_is_on_this_machine(tmp_path: Path) -> None:
+    """A finished root on a read-only mount is reusable (issue 17 item 7): `variational run`'s log goes to
+    $VARIATIONAL_HOME/logs/<run> there (as on object storage), never into the root."""
+    from conftest import read_only_view
+
+    root, home = tmp_path / "root", tmp_path / "home"
+    (root / "tiny").mkdir(parents=True)
+    code = (
+        "import sys; from variational.pipeline.console import log_path; print(log_path(sys.argv[1], 'tiny'))"
+    )
+    env = {**os.environ, "VARIATIONAL_HOME": str(home)}
+    cmd = [*read_only_view(root), sys.executable, "-c", code, str(root)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert Path(out.stdout.strip()).parent == home / "logs" / "tiny"
 
 
 @pytest.mark.parametrize(

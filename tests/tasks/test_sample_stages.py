@@ -234,10 +234,10 @@ def test_posterior_and_rollouts_on_embedded_model_resume(tmp_path: Path, embedde
 
     first = run_stage(posterior.POSTERIOR_SAMPLES, cfg, up)
     assert first["rows"] == 3 * 2 and first["shards"] == 3
-    samples = read_stage(tmp_path, first).sort("prompt_idx", "sample_idx")
-    assert samples.columns[: len(samples.SAMPLES_SCHEMA)] == list(samples.SAMPLES_SCHEMA)
-    assert samples.filter(pl.col("prompt_idx") == 0)["response"].n_unique() == 2
-    assert (samples["think_len"] > 0).all()
+    written = read_stage(tmp_path, first).sort("prompt_idx", "sample_idx")
+    assert written.columns[: len(samples.SAMPLES_SCHEMA)] == list(samples.SAMPLES_SCHEMA)
+    assert written.filter(pl.col("prompt_idx") == 0)["response"].n_unique() == 2
+    assert (written["think_len"] > 0).all()
 
     # a killed run: shard 0 written, the rest and the manifest lost -> only the missing shards are redone
     folder = tmp_path / first["path"]
@@ -250,7 +250,7 @@ def test_posterior_and_rollouts_on_embedded_model_resume(tmp_path: Path, embedde
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert again["fingerprint"] == first["fingerprint"] and again["rows"] == 6
     assert (
-        read_stage(tmp_path, again).sort("prompt_idx", "sample_idx").equals(samples)
+        read_stage(tmp_path, again).sort("prompt_idx", "sample_idx").equals(written)
     )  # same seeds, same texts
 
     # the untrained model never closes its thought in 32 tokens: roll out from the reference thoughts

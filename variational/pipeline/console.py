@@ -2,7 +2,8 @@
 
 Everything this process and its children write to stdout and stderr (file descriptors 1 and 2: vLLM's
 engine processes and progress bars, library warnings, torchrun, Ray workers, Prefect's console handler)
-goes to `<data_root>/<run>/logs/run-<time>.log`. The terminal shows:
+goes to `<data_root>/<run>/logs/run-<time>.log` (on object storage or a read-only root:
+$VARIATIONAL_HOME/logs/<run>/). The terminal shows:
 - by default, the flow's own lines: log records of this project's code at INFO or above (stage computing /
   done, shards done of total with an ETA, engine ready, training steps), Prefect's flow-run lines (its
   start, the UI link, the final state), and every ERROR; other libraries' INFO and WARNING lines (vLLM's
@@ -22,13 +23,21 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from variational.pipeline.records import check_name
+from variational.pipeline.runs import run_folder
+from variational.pipeline.storage import home, is_url, open_root
+
 REPO = Path(__file__).resolve().parents[2]
 _OURS = tuple(str(REPO / p) + os.sep for p in ("variational", "flows", "tasks", "trainers"))
 
 
 def log_path(data_root: str | Path, run: str) -> Path:
-    """A new log file's path for a run started now."""
-    return Path(data_root) / run / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    """A new log file's path for a run started now: in the run's folder on a writable local root; on
+    object storage or a read-only mount, on this machine under $VARIATIONAL_HOME/logs/<run>."""
+    name = f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    if not is_url(data_root) and open_root(data_root).writable():
+        return Path(run_folder(data_root, run)) / "logs" / name
+    return home() / "logs" / check_name(run, "run") / name
 
 
 def is_flow_line(record: logging.LogRecord) -> bool:
