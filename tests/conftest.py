@@ -174,3 +174,12 @@ def s3_root(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     bucket = f"b{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
     return f"s3://{bucket}/root"
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Path:
+    """A file outside the data root that nothing may read, move or change (issue 17's confinement tests)."""
+    path = tmp_path / "outside" / "victim.txt"
+    path.parent.mkdir()
+    path.write_text("precious")
+    return path

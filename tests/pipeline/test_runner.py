@@ -290,14 +290,6 @@ def test_verify_store_names_and_sets_aside_a_damaged_shard(
 
 
 # ---------------------------------------------------------------- issue 17: confinement, damage, read-only roots
-@pytest.fixture
-def victim(tmp_path: Path) -> Path:
-    path = tmp_path / "outside" / "victim.txt"
-    path.parent.mkdir()
-    path.write_text("precious")
-    return path
-
-
 def test_reuse_check_never_moves_a_file_outside_the_stage(tmp_path: Path, victim: Path) -> None:
     """Old code: the manifest entry `../../../../outside/victim.txt` (wrong size) was set aside, i.e. the
     file outside the data root was moved into the stage's .quarantine/."""

@@ -47,15 +47,6 @@ def test_what_the_store_writes_passes() -> None:
         assert check_relative(good) == good
 
 
-@pytest.fixture
-def victim(tmp_path: Path) -> Path:
-    """A file outside the data root that nothing may read, move or change."""
-    path = tmp_path / "outside" / "victim.txt"
-    path.parent.mkdir()
-    path.write_text("precious")
-    return path
-
-
 def test_symlinks_below_the_root_are_refused(tmp_path: Path, victim: Path) -> None:
     root = LocalRoot(tmp_path / "data")
     (tmp_path / "data" / "run").mkdir(parents=True)
