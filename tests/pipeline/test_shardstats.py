@@ -119,6 +119,22 @@ def test_a_record_without_its_shard_is_not_gathered(tmp_path: Path) -> None:
     assert shardstats.gather(folder, sorted(folder.glob("part-*.parquet")))["shard"].to_list() == [0, 2]
 
 
+def test_planted_records_are_skipped_and_never_fail_the_stage(tmp_path: Path) -> None:
+    """A record is a measurement a stage folder holds, not trusted input: wrong types, a list, a symlink to a
+    file outside, a folder in a record's place are skipped. (Old code: a string in a number field made the
+    stage's finish fail in polars.)"""
+    ref = _run(tmp_path)
+    folder = tmp_path / ref["path"]
+    stats = folder / shardstats.STATS_DIR
+    (stats / "part-00000.json").write_text('{"shard": 0, "rows_out": "x", "seconds": 1.0}')
+    (stats / "part-00001.json").unlink()
+    (stats / "part-00001.json").symlink_to("/etc/hostname")
+    (stats / "part-00003.json").mkdir()
+    (stats / "part-00004.json").write_text("[4]")
+    assert [r["shard"] for r in shardstats.read_records(folder)] == [2]
+    assert shardstats.gather(folder, sorted(folder.glob("part-*.parquet")))["shard"].to_list() == [2]
+
+
 def test_training_record_reads_the_trainer_metrics() -> None:
     metrics = {"examples": 8, "tokens": 2400, "wall_time_s": 12.5, "tokens_per_s": 240.0, "device": "cpu"}
     metrics |= {"step_time_s": 2.5, "peak_memory_gib": 3.1, "mfu": None, "processes": 1}

@@ -70,7 +70,8 @@ class StageProgress:
     def advance(self, record: dict[str, Any]) -> None:
         """A shard of this run finished with this stats record: log it and update the artifact."""
         self.done.add(record["shard"])
-        self.seconds.append(max(0.0, record["seconds"] - (record.get("engine_start_s") or 0.0)))
+        seconds = record.get("seconds") or 0.0
+        self.seconds.append(max(0.0, seconds - (record.get("engine_start_s") or 0.0)))
         start = record.get("engine_start_s")
         started = f" (engine start {start:.1f}s)" if start else ""
         tokens = f", {record['tokens_out']} tokens" if record.get("tokens_out") is not None else ""
@@ -78,9 +79,9 @@ class StageProgress:
             "%s; shard %d: %s rows%s in %.1fs%s",
             self.describe(),
             record["shard"],
-            record["rows_out"],
+            record.get("rows_out"),
             tokens,
-            record["seconds"],
+            seconds,
             started,
         )
         self.artifact = orchestration.publish_progress(self.key, self.percent, self.describe(), self.artifact)

@@ -163,9 +163,29 @@ def read_records(stage: Any, shards: list[int] | None = None) -> list[dict[str, 
             record = json.loads(root.read_bytes(join(folder, STATS_DIR, name)))
         except (OSError, ValueError):
             continue
-        if isinstance(record, dict) and (shards is None or record.get("shard") in shards):
+        if _well_formed(record) and (shards is None or record["shard"] in shards):
             out.append(record)
     return out
+
+
+def _well_formed(record: Any) -> bool:
+    """A dict whose fields have the schema's types (a number where a number goes, text where text goes) and
+    with its shard number: a record written by another program or damaged on disk is skipped."""
+    if not isinstance(record, dict):
+        return False
+    for key, dtype in SCHEMA.items():
+        value = record.get(key)
+        if value is None:
+            continue
+        if dtype == pl.String:
+            ok = isinstance(value, str)
+        elif dtype == pl.Float64:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and abs(value) < 1 << 62
+        if not ok:
+            return False
+    return record.get("shard") is not None
 
 
 def frame(records: list[dict[str, Any]]) -> pl.DataFrame:
